@@ -1,0 +1,40 @@
+# Two entry points a new user needs: `make run` and `make test`. Both set up what is missing first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run serve test lint typecheck unit clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: the CPU wheel lies on disk, and anything unpinned would pull CUDA.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]' torch==2.13.0
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/autotune run conf=chat
+
+serve: setup
+	$(BIN)/serving serve
+
+lint: setup
+	$(BIN)/ruff check autotune serving tests bench
+	$(BIN)/ruff format --check autotune serving tests bench
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q -m "not vllm and not postgres"
+
+test: lint typecheck
+	$(BIN)/pytest -q -ra
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

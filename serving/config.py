@@ -1,0 +1,316 @@
+"""DeploymentConfig: the one schema shared by search spaces, MLflow params, best.yaml and `serving launch`.
+
+Every section is a frozen dataclass checked at construction; errors name the field and the fix.
+Unknown keys are rejected by name, because a misspelled knob in a tuner is a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
+"""Model configs shipped with the package, addressable by bare name (`model.path: llama-57m`)."""
+
+Backend = Literal["builtin", "vllm", "sglang"]
+LoadFormat = Literal["auto", "dummy"]
+DType = Literal["float32", "bfloat16", "float16"]
+Quantization = Literal[
+    "none", "int8_dynamic", "int8_weight_only", "int4_weight_only", "bnb_int8", "bnb_nf4"
+]
+AttentionBackend = Literal["eager", "sdpa", "paged"]
+SchedulingPolicy = Literal["request", "static", "continuous"]
+QueueOrder = Literal["fcfs", "priority", "sjf"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A deployment config that cannot be used; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "llama-57m"
+    """A local Hugging Face directory, the name of a model shipped in serving/models, or a hub id in the cache."""
+    load_format: LoadFormat = "dummy"
+    """`auto` reads the weights; `dummy` builds seeded random weights from config.json (as vLLM's)."""
+    seed: int = 0
+    """Seed for dummy weights, so every trial measures the same model."""
+    max_model_len: int = 1024
+    """Longest prompt + output, in tokens; longer requests are refused with a 400."""
+    served_model_name: str | None = None
+    """The name clients send in `model`; defaults to the directory's name."""
+    tokenizer: str | None = None
+    """Tokenizer directory when it is not the model directory."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_model_len >= 16, "model.max_model_len", self.max_model_len, "use at least 16")
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(self.path).name
+
+    def resolve_path(self) -> Path | None:
+        """The local directory this model lives in, or None when it must come from the hub cache."""
+        local = Path(self.path).expanduser()
+        if local.is_dir():
+            return local
+        shipped = SHIPPED_MODELS_DIR / self.path
+        return shipped if shipped.is_dir() else None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 1
+    """Data-parallel replicas behind one front end."""
+    tp: int = 1
+    """Tensor-parallel ranks per replica (DeepSpeed AutoTP in the builtin engine)."""
+    pp: int = 1
+    """Pipeline stages per replica (contiguous decoder-layer ranges)."""
+    oversubscribe: bool = False
+    """Allow more ranks than devices (CPU cores or GPUs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp"):
+            value = getattr(self, name)
+            _require(value >= 1, f"parallel.{name}", value, "use a positive integer")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    dtype: DType = "float32"
+    """Activation and weight dtype before quantisation."""
+    quantization: Quantization = "none"
+    """Weight quantisation: torch.ao int8 dynamic, torchao int8/int4 weight-only, bitsandbytes int8/nf4."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: SchedulingPolicy = "continuous"
+    """`request`: one at a time; `static`: batch runs to completion; `continuous`: iteration-level (Orca)."""
+    queue_order: QueueOrder = "fcfs"
+    """Order of the waiting queue: arrival, request priority (lower first), shortest prompt first."""
+    max_num_seqs: int = 32
+    """Most sequences in one batch."""
+    max_num_batched_tokens: int = 2048
+    """Most tokens (prefill + decode) computed in one step."""
+    chunked_prefill: bool = False
+    """Split long prefills across steps so decodes keep flowing (continuous policy only)."""
+    batch_wait_ms: float = 10.0
+    """Static policy: how long to gather a batch before running it."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "scheduler.max_num_seqs", self.max_num_seqs, "use at least 1")
+        _require(
+            self.max_num_batched_tokens >= 16,
+            "scheduler.max_num_batched_tokens",
+            self.max_num_batched_tokens,
+            "use at least 16",
+        )
+        _require(self.batch_wait_ms >= 0, "scheduler.batch_wait_ms", self.batch_wait_ms, "use >= 0")
+        if self.chunked_prefill and self.policy != "continuous":
+            raise ConfigError(
+                f"scheduler.chunked_prefill=true needs scheduler.policy=continuous, got policy={self.policy!r}"
+            )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory budget for KV blocks (per replica); the block count follows from it."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.block_size in (8, 16, 32, 64, 128), "cache.block_size", self.block_size, "use 8-128, power of 2"
+        )
+        _require(self.kv_cache_memory_gb > 0, "cache.kv_cache_memory_gb", self.kv_cache_memory_gb, "use > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Bind address; loopback by default."""
+    port: int = 8000
+    """TCP port; 0 picks a free one."""
+    log_level: str = "warning"
+    """uvicorn log level."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "server.port", self.port, "use 0-65535")
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """One servable deployment: what the tuner samples, MLflow logs, best.yaml stores and `serving launch` runs."""
+
+    backend: Backend = "builtin"
+    """Serving engine: our builtin engine, vLLM or SGLang."""
+    device: Device = "auto"
+    """`auto` uses CUDA when it is present, else the CPU."""
+    attention: AttentionBackend = "paged"
+    """Attention implementation over the paged KV cache."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs:
+            raise ConfigError(
+                "scheduler.max_num_batched_tokens must be >= scheduler.max_num_seqs, got "
+                f"({self.scheduler.max_num_batched_tokens}, {self.scheduler.max_num_seqs})"
+            )
+        if (
+            not self.scheduler.chunked_prefill
+            and self.scheduler.max_num_batched_tokens < self.model.max_model_len
+        ):
+            raise ConfigError(
+                f"scheduler.max_num_batched_tokens={self.scheduler.max_num_batched_tokens} is below "
+                f"model.max_model_len={self.model.max_model_len}: a long prompt could never be scheduled; "
+                "raise it or set scheduler.chunked_prefill=true"
+            )
+
+    # --- conversions -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeploymentConfig:
+        """Build from nested mappings, rejecting unknown keys and wrongly typed values by name."""
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> DeploymentConfig:
+        """Build from dotted keys (`scheduler.max_num_seqs: 8`), as search spaces and MLflow params use."""
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{key}: {part} is a value, not a section")
+            node[leaf] = value
+        return cls.from_dict(nested)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DeploymentConfig:
+        """Read a deployment YAML; a best.yaml's `deployment:` section is accepted as well."""
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        if "deployment" in data and isinstance(data["deployment"], dict):
+            data = data["deployment"]
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys to plain values: the MLflow params of a trial."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Mapping[str, Any]) -> None:
+            for key, value in node.items():
+                if isinstance(value, Mapping):
+                    walk(f"{prefix}{key}.", value)
+                else:
+                    flat[f"{prefix}{key}"] = value
+
+        walk("", self.to_dict())
+        return flat
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **flat_overrides: Any) -> DeploymentConfig:
+        """A copy with dotted-key overrides applied (`cfg.replace(**{"parallel.tp": 2})`)."""
+        flat = self.to_flat()
+        for key in flat_overrides:
+            if key not in flat:
+                raise ConfigError(_unknown_key_message(key, flat))
+        flat.update(flat_overrides)
+        return DeploymentConfig.from_flat(flat)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _require(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: {fix}")
+
+
+def _unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {key!r}{hint} (known: {', '.join(sorted(known))})"
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(_unknown_key_message(f"{prefix}{key}", [f"{prefix}{n}" for n in names]))
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - dataclass signature errors are programming errors
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    """Check one value against its annotation; ints are accepted for floats, nothing else is converted."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _build(hint, value, prefix=f"{name}.")
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is invalid: choose one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(inner, value, name)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is invalid: use true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} is invalid: use an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}={value!r} is invalid: use a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{name}={value!r} is invalid: use a string")
+        return str(value)
+    return value
