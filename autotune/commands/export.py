@@ -1,0 +1,54 @@
+"""`autotune export conf=chat [export.policy=knee] [export.output=best.yaml]`: best.yaml from a study."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+
+from autotune.export import NoSelection, select, write_best
+from autotune.results import load_records
+from autotune.session import start
+
+USAGE = """usage: autotune export [conf=NAME] [key=value ...]
+
+Picks one deployment from the finished study study.name (same conf and overrides as the run) and writes
+best.yaml: the DeploymentConfig under `deployment:`, why it was chosen, its metrics, the engine command.
+
+  export.policy=max_throughput_within_slo   highest export.throughput_metric meeting every constraint
+  export.policy=knee                        front point nearest the ideal (objectives scaled to [0, 1])
+  export.output=PATH                        default: reports/<study>/best.yaml
+
+Then: serving launch best.yaml"""
+
+
+def main(argv: Sequence[str]) -> int:
+    session = start(argv, USAGE)
+    if isinstance(session, int):
+        return session
+    ctx = session.ctx
+    try:
+        study = optuna.load_study(study_name=ctx.name, storage=ctx.storage_url)
+    except KeyError:
+        print(
+            f"autotune export: no study {ctx.name!r} in {ctx.storage_url}; run `autotune run` first",
+            file=sys.stderr,
+        )
+        return 2
+    records = load_records(study)
+    try:
+        selection = select(records, ctx.objectives, ctx.settings.export)
+    except NoSelection as err:
+        print(f"autotune export: {err}", file=sys.stderr)
+        return 1
+    output = ctx.settings.export.output
+    path = Path(output).resolve() if output else ctx.report_dir / "best.yaml"
+    write_best(path, selection, ctx.objectives, ctx.name)
+    record = selection.record
+    print(f"trial #{record.number} ({record.label or 'base config'}): {selection.explanation}")
+    for name in ctx.objectives.names:
+        print(f"  {name} = {record.metrics.get(name, float('nan')):.4g}")
+    print(f"wrote {path}\nstart it: serving launch {path}")
+    return 0

@@ -1,0 +1,135 @@
+"""`autotune plan conf=chat [key=value ...]`: the search space, what the pre-launch checks and the memory
+planner prune and why, and the estimated duration of the study. Launches nothing."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import optuna
+from rich.console import Console
+from rich.table import Table
+
+from autotune.context import StudyContext
+from autotune.results import load_records
+from autotune.session import start
+
+USAGE = """usage: autotune plan [conf=NAME] [key=value ...]
+
+Prints the search space of the study, checks a grid over it against the layout rules and the memory
+planner (weights by dtype/quantisation over tp x pp, plus the KV cache, against GPU memory or RAM),
+lists what would be pruned and why, and estimates how long the study takes."""
+
+MAX_POINTS = 4
+"""Values per numeric dimension when enumerating the space for the check (ends and between)."""
+STARTUP_GUESS_S = 20.0
+"""Server start-up assumed before any trial has been measured (the builtin engine on a small model)."""
+DRAIN_GUESS_S = 10.0
+"""Benchmark tail (last requests finishing) and teardown assumed per trial."""
+
+
+def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
+    """Mean measured duration when the study has trials, else a guess from the arrival settings."""
+    try:
+        study = optuna.load_study(study_name=ctx.name, storage=ctx.storage_url)
+        durations = [r.duration_s for r in load_records(study) if r.measured and r.duration_s]
+    except (KeyError, Exception):  # no study yet (or no storage): estimate from the traffic
+        durations = []
+    if durations:
+        return sum(durations) / len(durations), f"mean of {len(durations)} measured trial(s)"
+    arrival = ctx.traffic().arrival
+    if arrival.closed:
+        send_s = 30.0
+        how = "closed loop: 30 s assumed"
+    else:
+        send_s = arrival.request_count / arrival.rate
+        how = f"{arrival.request_count} requests at {arrival.rate:g}/s"
+    warm = arrival.warmup_requests
+    total = STARTUP_GUESS_S + send_s + DRAIN_GUESS_S
+    return (
+        total,
+        f"guess: {STARTUP_GUESS_S:g} s start-up + {how} (+{warm} warm-up) + {DRAIN_GUESS_S:g} s drain",
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    session = start(argv, USAGE)
+    if isinstance(session, int):
+        return session
+    ctx = session.ctx
+    console = Console()
+    space = ctx.space
+    console.print(f"[bold]study[/] {ctx.name}  [bold]space[/] {space.path}")
+    if space.description:
+        console.print(space.description)
+    console.print(f"[bold]devices[/] {ctx.devices.describe()}")
+    dims = Table("dimension", "domain", "when", title="dimensions")
+    for d in space.dimensions:
+        if d.kind == "categorical":
+            domain = ", ".join(map(str, d.choices))
+        else:
+            domain = (
+                f"{d.kind} [{d.low:g}, {d.high:g}]"
+                + (" log" if d.log else "")
+                + (f" step {d.step:g}" if d.step else "")
+            )
+        when = ", ".join(f"{k} in {list(v)}" for k, v in d.when.items())
+        dims.add_row(d.name, domain, when)
+    console.print(dims)
+    changed = {k: v for k, v in ctx.base.to_flat().items() if v != _default_flat().get(k)}
+    console.print(f"[bold]base deployment[/] (differs from defaults): {changed or 'defaults'}")
+    console.print(
+        f"[bold]constraints[/] {', '.join(space.constraints) or 'none'}; objectives "
+        f"{ctx.objectives.names}; feasibility {ctx.objectives.describe_constraints() or 'none'}"
+    )
+
+    checked = 0
+    pruned: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    notes: Counter[str] = Counter()
+    for params in space.enumerate(MAX_POINTS):
+        checked += 1
+        reason: str | None
+        try:
+            config = space.deployment(ctx.base, params)
+        except ValueError as err:
+            reason = f"invalid combination: {err}"
+        else:
+            reason, plan = ctx.check(config)
+            for note in plan.notes if plan else ():
+                notes[note] += 1
+        if reason:
+            pruned[reason] += 1
+            examples.setdefault(reason, ", ".join(f"{k}={v}" for k, v in params.items()))
+    size = space.size()
+    size_text = "unbounded (float dimensions)" if math.isinf(size) else f"{int(size)} configurations"
+    console.print(
+        f"\n[bold]space size[/] {size_text}; checked {checked} grid points "
+        f"(up to {MAX_POINTS} values per numeric dimension)"
+    )
+    if pruned:
+        table = Table("pruned", "reason", "example", title="pruned before launch")
+        for reason, count in pruned.most_common():
+            table.add_row(str(count), reason, examples[reason])
+        console.print(table)
+    else:
+        console.print("nothing pruned: every checked configuration fits")
+    for note, count in notes.most_common(3):
+        console.print(f"note ({count}x): {note}")
+
+    n_trials = ctx.settings.study.n_trials
+    per_trial, how = estimate_trial_s(ctx)
+    fit_share = (checked - sum(pruned.values())) / checked if checked else 1.0
+    total = n_trials * per_trial
+    console.print(
+        f"\n[bold]ETA[/] {n_trials} trials x ~{per_trial:.0f} s ({how}) = ~{total / 60:.1f} min"
+        f"; {fit_share:.0%} of the checked grid would launch"
+    )
+    return 0
+
+
+def _default_flat() -> dict[str, object]:
+    from serving.config import DeploymentConfig
+
+    return DeploymentConfig().to_flat()

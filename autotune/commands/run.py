@@ -1,0 +1,70 @@
+"""`autotune run conf=chat [key=value ...] [--cfg]`: search deployments for a workload on this machine."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from autotune.live import LiveView
+from autotune.report import ReportFiles
+from autotune.results import load_records
+from autotune.session import Session, finish, start
+from autotune.study import StudyLoop, open_study
+from autotune.tracking import make_tracker
+
+USAGE = """usage: autotune run [conf=NAME] [key=value ...] [--cfg]
+
+Runs the study of conf/NAME.yaml (default: chat): each trial launches a real server with one
+deployment config, drives the workload, and records the metrics in the Optuna study and MLflow.
+Re-running with the same study.name resumes; finished trials are never measured again.
+
+  conf=chat|summarise       the primary config in conf/
+  key=value                 any Hydra override: study.n_trials=4 model=llama-tiny slo.ttft_ms=500
+                            study.sampler=tpe search.space=summarise tracking=none ...
+  --cfg                     print the composed config and exit
+
+Writes runs/<study>/ (storage, server logs, records), reports/<study>/ (report.html, best.yaml)
+and the MLflow store (mlflow.db): open it with `mlflow ui --backend-store-uri sqlite:///mlflow.db`."""
+
+
+def main(argv: Sequence[str]) -> int:
+    session = start(argv, USAGE)
+    if isinstance(session, int):
+        return session
+    return run_session(session)
+
+
+def run_session(session: Session) -> int:
+    ctx = session.ctx
+    try:
+        study = open_study(ctx)
+    except ValueError as err:
+        print(f"autotune: {err}", file=sys.stderr)
+        return 2
+    view = LiveView(ctx.objectives, mode=ctx.settings.study.live)
+    tracker = make_tracker(ctx.settings.tracking, study_name=ctx.name, resolved_config=session.resolved_yaml)
+    observers = [view, *([tracker] if tracker else [])]
+    interrupted = False
+    try:
+        records = StudyLoop(ctx, study, observers).run()
+    except KeyboardInterrupt:
+        interrupted = True
+        records = load_records(study)
+        print("\nautotune: interrupted; run the same command again to resume", file=sys.stderr)
+    files = finish(session, study, records, tracker)
+    print_summary(session, files, tracker)
+    return 130 if interrupted else 0
+
+
+def print_summary(session: Session, files: ReportFiles, tracker: object | None) -> None:
+    ctx = session.ctx
+    print(f"\nstudy {ctx.name}: Pareto front = trials {files.front or 'none yet'}")
+    if files.selection and files.best:
+        print(f"selected trial #{files.selection.record.number}: {files.selection.explanation}")
+        print(f"best config: {files.best}  (start it: serving launch {files.best})")
+    elif files.selection_error:
+        print(f"no config exported: {files.selection_error}")
+    print(f"report: {files.html}")
+    uri = getattr(tracker, "uri", None)
+    if uri:
+        print(f"MLflow: mlflow ui --backend-store-uri {uri}")

@@ -1,0 +1,111 @@
+"""Everything a study needs, built once from the run settings: space, base deployment, objectives,
+model geometry, devices, storage and directories; plus the pre-launch check every trial passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.constraints import RULES
+from autotune.devices import Devices, detect_devices
+from autotune.geometry import ModelGeometry, load_geometry
+from autotune.objectives import Objectives
+from autotune.planner import MemoryPlan, plan_memory
+from autotune.settings import RunSettings
+from autotune.space import SearchSpace, load_space
+from autotune.trial_runner import Traffic
+from serving.backends import get_backend
+from serving.config import ConfigError, DeploymentConfig
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    settings: RunSettings
+    space: SearchSpace
+    base: DeploymentConfig
+    """DeploymentConfig defaults <- the space's base <- the run config's `deployment` section."""
+    objectives: Objectives
+    geometry: ModelGeometry
+    devices: Devices
+    run_dir: Path
+    report_dir: Path
+    storage_url: str
+
+    @property
+    def name(self) -> str:
+        return self.settings.study.name
+
+    def traffic(self) -> Traffic:
+        """The workload every trial sends (traffic's own builders validate the sections)."""
+        from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
+
+        s = self.settings
+        return Traffic(
+            workload=WorkloadConfig.from_config(s.workload),
+            arrival=ArrivalConfig.from_config(s.arrival),
+            slo=SLOConfig.from_config(s.slo) if s.slo else None,
+            client=ClientConfig.from_config(s.client or None),
+        )
+
+    def check(self, config: DeploymentConfig) -> tuple[str | None, MemoryPlan | None]:
+        """Why this deployment cannot run here (None when it can): space rules, backend, memory."""
+        for rule in self.space.constraints:
+            reason = RULES[rule](config, self.geometry, self.devices)
+            if reason:
+                return f"{rule}: {reason}", None
+        try:
+            get_backend(config.backend).validate(config)
+        except ConfigError as err:
+            return f"backend {config.backend}: {err}", None
+        plan = plan_memory(config, self.geometry, self.devices, self.settings.planner)
+        if not plan.fits:
+            return f"memory: {plan.reason}", plan
+        return None, plan
+
+
+def flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in (mapping or {}).items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def base_deployment(space: SearchSpace, overrides: dict[str, Any]) -> DeploymentConfig:
+    """Space base, then the run config's fixed values; a key that is also a dimension is an error."""
+    fixed = flatten(overrides)
+    dims = {d.name for d in space.dimensions}
+    clash = sorted(set(fixed) & dims)
+    if clash:
+        raise ConfigError(
+            f"deployment.{clash[0]} is fixed in the run config but searched by {space.path}: "
+            "remove the override, or remove the dimension from the space"
+        )
+    try:
+        return DeploymentConfig().replace(**{**space.base, **fixed})
+    except ConfigError as err:
+        raise ConfigError(f"deployment: {err}") from None
+
+
+def build_context(settings: RunSettings, *, devices: Devices | None = None) -> StudyContext:
+    space = load_space(settings.search.space)
+    base = base_deployment(space, settings.deployment)
+    objectives = Objectives(settings.objectives)
+    study = settings.study
+    run_dir = (Path(study.runs_dir) / study.name).resolve()
+    report_dir = (Path(study.reports_dir) / study.name).resolve()
+    storage = study.storage or f"sqlite:///{run_dir / 'study.db'}"
+    return StudyContext(
+        settings=settings,
+        space=space,
+        base=base,
+        objectives=objectives,
+        geometry=load_geometry(base.model),
+        devices=devices or detect_devices(base.device),
+        run_dir=run_dir,
+        report_dir=report_dir,
+        storage_url=storage,
+    )

@@ -1,0 +1,154 @@
+"""Live terminal view of a running study (rich): progress, current config, last metrics, best so far, ETA.
+
+On a terminal it redraws one panel; otherwise (CI logs, pipes) it prints one line per event.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from autotune.objectives import Objectives
+from autotune.observer import StudyObserver
+from autotune.pareto import candidates, front
+from autotune.results import TrialRecord
+
+if TYPE_CHECKING:
+    from autotune.trial_runner import TrialOutcome
+
+
+def _short(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items()) or "base config"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class LiveView(StudyObserver):
+    def __init__(self, objectives: Objectives, *, mode: str = "auto", console: Console | None = None) -> None:
+        self.objectives = objectives
+        self.console = console or Console()
+        self.fancy = mode == "on" or (mode == "auto" and sys.stdout.isatty())
+        self.live: Live | None = None
+        self.name = ""
+        self.total = 0
+        self.records: list[TrialRecord] = []
+        self.current: str = "-"
+        self.phase_text = ""
+        self.last: str = "-"
+        self.started = time.monotonic()
+        self.trial_started_at = 0.0
+
+    # --- numbers ---------------------------------------------------------------------------------
+
+    def measured(self) -> list[TrialRecord]:
+        return [r for r in self.records if r.measured and r.repeat_of is None]
+
+    def eta_s(self) -> float | None:
+        durations = [r.duration_s for r in self.measured() if r.duration_s]
+        if not durations:
+            return None
+        remaining = max(0, self.total - len(self.measured()))
+        return remaining * sum(durations) / len(durations)
+
+    def best_lines(self) -> list[str]:
+        pool = candidates(self.records)
+        lines = []
+        for index, (name, direction) in enumerate(
+            zip(self.objectives.names, self.objectives.directions, strict=True)
+        ):
+            if not pool:
+                break
+            ranked = sorted(pool, key=lambda r: (r.values or ())[index], reverse=direction == "maximize")
+            best = ranked[0]
+            lines.append(f"{name}: {(best.values or ())[index]:.4g} (#{best.number} {best.label or 'base'})")
+        return lines
+
+    # --- rendering -------------------------------------------------------------------------------
+
+    def render(self) -> Panel:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        done = len(self.measured())
+        other = sum(1 for r in self.records if not r.measured and r.repeat_of is None and r.state == "PRUNED")
+        table.add_row(
+            "trials",
+            f"{done}/{self.total} measured, {other} pruned, elapsed "
+            f"{_duration(time.monotonic() - self.started)}, ETA {_duration(self.eta_s())}",
+        )
+        running = (
+            f" [{self.phase_text} {_duration(time.monotonic() - self.trial_started_at)}]"
+            if self.phase_text
+            else ""
+        )
+        table.add_row("current", self.current + running)
+        table.add_row("last", self.last)
+        best = self.best_lines()
+        table.add_row("best so far", "\n".join(best) if best else "-")
+        table.add_row(
+            "front", str(len(front(self.records, self.objectives.directions))) + " configuration(s)"
+        )
+        return Panel(Group(table), title=f"autotune study {self.name}", border_style="cyan")
+
+    def _say(self, text: str) -> None:
+        if self.live is not None:
+            self.live.update(self.render())
+        else:
+            self.console.print(text, highlight=False)
+
+    # --- observer --------------------------------------------------------------------------------
+
+    def study_started(self, name: str, total: int, records: Sequence[TrialRecord]) -> None:
+        self.name, self.total, self.records = name, total, list(records)
+        if self.fancy:
+            self.live = Live(self.render(), console=self.console, refresh_per_second=2, transient=False)
+            self.live.start()
+        resumed = len(self.measured())
+        self._say(f"study {name}: {resumed} of {total} configurations already measured")
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None:
+        self.current = f"#{number} {_short(params)}"
+        self.trial_started_at = time.monotonic()
+        self._say(f"trial {self.current}: launching")
+
+    def phase(self, text: str) -> None:
+        self.phase_text = text
+        if self.live is not None:
+            self.live.update(self.render())
+
+    def trial_finished(self, record: TrialRecord, outcome: TrialOutcome | None) -> None:
+        self.records = [r for r in self.records if r.number != record.number] + [record]
+        self.phase_text = ""
+        summary = record.state
+        if record.values:
+            summary += " " + ", ".join(
+                f"{n}={v:.4g}" for n, v in zip(self.objectives.names, record.values, strict=True)
+            )
+            summary += "" if record.feasible else " (misses a constraint)"
+        if record.reason:
+            summary += f": {record.reason}"
+        if record.repeat_of is not None:
+            summary += f" (same config as #{record.repeat_of})"
+        self.last = f"#{record.number} {record.label or 'base'} -> {summary}"
+        self.current = "-"
+        done = len(self.measured())
+        self._say(f"[{done}/{self.total}] {self.last} | ETA {_duration(self.eta_s())}")
+
+    def study_finished(self, records: Sequence[TrialRecord]) -> None:
+        self.records = list(records)
+        if self.live is not None:
+            self.live.update(self.render())
+            self.live.stop()
+            self.live = None

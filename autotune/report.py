@@ -1,0 +1,236 @@
+"""reports/<study>/: report.html (Pareto plots per objective pair, the front, parameter importances,
+failed and pruned trials with reasons), pareto.html (interactive), trials.csv and best.yaml."""
+
+from __future__ import annotations
+
+import csv
+import html
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from autotune.export import NoSelection, Selection, select, write_best
+from autotune.objectives import Objectives
+from autotune.pareto import front
+from autotune.plots import draw_pair_png, pair_infos, write_interactive
+from autotune.results import TrialRecord, distinct
+from autotune.settings import ExportSettings
+
+
+@dataclass
+class ReportFiles:
+    directory: Path
+    html: Path
+    csv: Path
+    pngs: list[Path] = field(default_factory=list)
+    interactive: Path | None = None
+    best: Path | None = None
+    selection: Selection | None = None
+    selection_error: str | None = None
+    front: list[int] = field(default_factory=list)
+
+    def all(self) -> list[Path]:
+        paths = [self.html, self.csv, *self.pngs]
+        paths += [p for p in (self.interactive, self.best) if p is not None]
+        return paths
+
+
+def _objective(index: int) -> Callable[[FrozenTrial], float]:
+    def target(trial: FrozenTrial) -> float:
+        return float(trial.values[index])
+
+    return target
+
+
+def importances(study: optuna.Study, names: Sequence[str]) -> dict[str, dict[str, float]] | str:
+    """fANOVA importance of each sampled parameter for each objective (Optuna's evaluator)."""
+    out: dict[str, dict[str, float]] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for index, name in enumerate(names):
+                out[name] = optuna.importance.get_param_importances(study, target=_objective(index))
+    except (ValueError, RuntimeError) as err:
+        return f"not available: {err}"
+    return out
+
+
+def write_csv(records: Sequence[TrialRecord], names: Sequence[str], on_front: set[int], path: Path) -> Path:
+    params = sorted({k for r in records for k in r.params})
+    metrics = sorted({k for r in records for k in r.metrics})
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial", "state", "repeat_of", "feasible", "pareto", *params, *metrics, "reason"])
+        for r in records:
+            writer.writerow(
+                [
+                    r.number,
+                    r.state,
+                    r.repeat_of if r.repeat_of is not None else "",
+                    r.complete and r.feasible,
+                    r.number in on_front,
+                    *(r.params.get(p, "") for p in params),
+                    *(r.metrics.get(m, "") for m in metrics),
+                    r.reason or "",
+                ]
+            )
+    return path
+
+
+def write_report(
+    study: optuna.Study,
+    records: Sequence[TrialRecord],
+    objectives: Objectives,
+    export: ExportSettings,
+    directory: Path,
+    *,
+    context: dict[str, str],
+    best_path: Path | None = None,
+) -> ReportFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    names, directions = objectives.names, objectives.directions
+    front_records = front(records, directions)
+    on_front = {r.number for r in front_records}
+    files = ReportFiles(
+        directory, directory / "report.html", write_csv(records, names, on_front, directory / "trials.csv")
+    )
+    files.front = sorted(on_front)
+    labels = {r.number: r.label for r in records}
+    for info in pair_infos(records, names, directions):
+        files.pngs.append(draw_pair_png(info, directory / f"pareto_{info.slug}.png", labels))
+    files.interactive = write_interactive(study, names, directory / "pareto.html")
+    try:
+        files.selection = select(records, objectives, export)
+        files.best = write_best(
+            best_path or directory / "best.yaml", files.selection, objectives, study.study_name
+        )
+    except NoSelection as err:
+        files.selection_error = str(err)
+    files.html.write_text(
+        _html(study.study_name, records, objectives, front_records, files, importances(study, names), context)
+    )
+    return files
+
+
+# --- HTML ----------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3} tr.front td{background:#fff3f0}
+.plots img{max-width:48%;margin:4px;border:1px solid #eee}
+code{background:#f6f6f6;padding:1px 4px}
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequence[str] = ()) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = ""
+    for index, row in enumerate(rows):
+        cls = f" class='{classes[index]}'" if index < len(classes) and classes[index] else ""
+        body += f"<tr{cls}>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _html(
+    name: str,
+    records: Sequence[TrialRecord],
+    objectives: Objectives,
+    front_records: list[TrialRecord],
+    files: ReportFiles,
+    imps: dict[str, dict[str, float]] | str,
+    context: dict[str, str],
+) -> str:
+    names = objectives.names
+    own = distinct(list(records))
+    counts = {s: sum(1 for r in own if r.state == s) for s in ("COMPLETE", "FAIL", "PRUNED")}
+    parts = [f"<h1>autotune study <code>{html.escape(name)}</code></h1>"]
+    parts.append(
+        f"<p>Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. "
+        + " · ".join(f"{k.lower()}: {v}" for k, v in counts.items())
+        + f" · repeats reused: {len(records) - len(own)}</p>"
+    )
+    parts.append(_table(["setting", "value"], sorted(context.items())))
+    objective_text = ", ".join(f"{n} ({d})" for n, d in zip(names, objectives.directions, strict=True))
+    parts.append(
+        f"<p>Objectives: {html.escape(objective_text)}. Constraints: "
+        f"{html.escape(', '.join(objectives.describe_constraints()) or 'none')}.</p>"
+    )
+    parts.append("<h2>Pareto fronts</h2><div class='plots'>")
+    parts += [f"<img src='{p.name}' alt='{html.escape(p.stem)}'>" for p in files.pngs]
+    parts.append("</div>")
+    if files.interactive:
+        parts.append(
+            f"<p>Interactive (Optuna / plotly): <a href='{files.interactive.name}'>pareto.html</a></p>"
+        )
+    parts.append(f"<h2>The front ({len(front_records)} feasible, non-dominated configurations)</h2>")
+    selected = files.selection.record.number if files.selection else None
+    rows = [
+        [
+            f"#{r.number}" + (" (selected)" if r.number == selected else ""),
+            r.label or "base",
+            *((r.values or ())[: len(names)]),
+        ]
+        for r in front_records
+    ]
+    parts.append(_table(["trial", "configuration", *names], rows))
+    parts.append("<h2>Selected deployment</h2>")
+    if files.selection and files.best:
+        parts.append(
+            f"<p>{html.escape(files.selection.explanation)}: trial #{selected} "
+            f"(<a href='{files.best.name}'>{files.best.name}</a>; "
+            f"<code>serving launch {files.best.name}</code>).</p>"
+        )
+    else:
+        parts.append(f"<p>None: {html.escape(files.selection_error or 'no trials')}</p>")
+    parts.append("<h2>Parameter importances (fANOVA)</h2>")
+    if isinstance(imps, str):
+        parts.append(f"<p>{html.escape(imps)}</p>")
+    else:
+        params = sorted({p for v in imps.values() for p in v})
+        parts.append(
+            _table(["parameter", *imps], [[p, *(imps[n].get(p, 0.0) for n in imps)] for p in params])
+        )
+    parts.append("<h2>All trials</h2>")
+    on_front = {r.number for r in front_records}
+    rows = [
+        [
+            r.number,
+            r.state + ("" if r.repeat_of is None else f" (repeat of #{r.repeat_of})"),
+            r.label or "base",
+            *((r.values or ("",) * len(names))[: len(names)]),
+            "yes" if r.complete and r.feasible else ("no" if r.complete else ""),
+        ]
+        for r in records
+    ]
+    parts.append(
+        _table(
+            ["trial", "state", "configuration", *names, "feasible"],
+            rows,
+            ["front" if r.number in on_front else "" for r in records],
+        )
+    )
+    bad = [r for r in own if r.state in ("FAIL", "PRUNED")]
+    parts.append(f"<h2>Failed and pruned trials ({len(bad)})</h2>")
+    parts.append(
+        _table(
+            ["trial", "state", "configuration", "reason"],
+            [[r.number, r.state, r.label or "base", r.reason or ""] for r in bad],
+        )
+    )
+    parts.append(f"<p>All trials as CSV: <a href='{files.csv.name}'>{files.csv.name}</a>.</p>")
+    head = f"<meta charset='utf-8'><title>autotune {html.escape(name)}</title><style>{CSS}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"

@@ -1,0 +1,28 @@
+"""Optuna samplers by name. Constraints reach every sampler through trial.set_constraint (Optuna 5),
+which NSGA-II, TPE and GP read; random and grid ignore them, as they should."""
+
+from __future__ import annotations
+
+import optuna
+
+from autotune.settings import StudySettings
+from autotune.space import SearchSpace
+
+
+def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    name, seed = settings.sampler, settings.seed
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            n_startup_trials=settings.n_startup_trials, multivariate=True, group=True, seed=seed
+        )
+    if name == "gp":
+        return optuna.samplers.GPSampler(n_startup_trials=settings.n_startup_trials, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        # Conditional dimensions are in the grid too; combinations that differ only in an inactive one
+        # map to one config, and the study's repeat check measures it once.
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    raise ValueError(f"study.sampler={name!r} is invalid: choose nsga2, tpe, gp, random or grid")

@@ -1,0 +1,89 @@
+"""Shared start and end of `run` and `worker`: parse, compose, build the context; after the loop,
+write the report and best.yaml and close the tracking run."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from autotune.compose import Invocation, UsageError, load_run, parse_args
+from autotune.context import StudyContext, build_context
+from autotune.geometry import ModelGeometry
+from autotune.report import ReportFiles, write_report
+from autotune.results import TrialRecord
+from autotune.space import SpaceError
+from serving.config import ConfigError
+
+
+@dataclass
+class Session:
+    invocation: Invocation
+    cfg: DictConfig
+    ctx: StudyContext
+
+    @property
+    def resolved_yaml(self) -> str:
+        return OmegaConf.to_yaml(self.cfg)
+
+
+def start(argv: Sequence[str], usage: str) -> Session | int:
+    """The session, or an exit code (0 after --help/--cfg, 2 on a usage or config error)."""
+    try:
+        invocation = parse_args(argv)
+        if invocation.help:
+            print(usage)
+            return 0
+        cfg, settings = load_run(invocation)
+        if invocation.print_config:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        ctx = build_context(settings)
+    except (UsageError, SpaceError, ConfigError, ValueError) as err:
+        print(f"autotune: {err}", file=sys.stderr)
+        return 2
+    return Session(invocation, cfg, ctx)
+
+
+def context_table(ctx: StudyContext) -> dict[str, str]:
+    s = ctx.settings
+    g: ModelGeometry = ctx.geometry
+    return {
+        "model": f"{ctx.base.model.path} ({g.num_params / 1e6:.1f}M params, {g.num_layers} layers)",
+        "backend": ctx.base.backend,
+        "devices": ctx.devices.describe(),
+        "search space": str(ctx.space.path),
+        "sampler": f"{s.study.sampler} (seed {s.study.seed})",
+        "workload": str(s.workload),
+        "arrival": str(s.arrival),
+        "slo": str(s.slo),
+        "storage": ctx.storage_url,
+    }
+
+
+def finish(
+    session: Session, study: optuna.Study, records: list[TrialRecord], tracker: object | None
+) -> ReportFiles:
+    """Report, best.yaml and the tracking parent run's files; prints where everything is."""
+    ctx = session.ctx
+    output = ctx.settings.export.output
+    best_path = Path(output).resolve() if output else None
+    files = write_report(
+        study,
+        records,
+        ctx.objectives,
+        ctx.settings.export,
+        ctx.report_dir,
+        context=context_table(ctx),
+        best_path=best_path,
+    )
+    config_path = ctx.run_dir / "config.yaml"
+    config_path.write_text(session.resolved_yaml)
+    finalize = getattr(tracker, "finalize", None)
+    if finalize is not None:
+        finalize(records, files.front, [config_path, *files.all()])
+    return files

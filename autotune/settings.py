@@ -1,0 +1,177 @@
+"""Structured schemas for the composed run config: every section is checked, unknown keys rejected by name.
+
+Hydra composes conf/<name>.yaml; OmegaConf merges it onto these dataclasses (so a misspelled key is an
+error naming it) and builds the objects. MISSING marks what a config must set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from autotune.planner import PlannerSettings
+
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid")
+DIRECTIONS = ("maximize", "minimize")
+EXPORT_POLICIES = ("max_throughput_within_slo", "knee")
+TRACKING_BACKENDS = ("mlflow", "none")
+LIVE_MODES = ("auto", "on", "off")
+
+
+def _choose(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid: choose one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name}={value!r} is invalid: use a positive number")
+
+
+@dataclass
+class SearchSettings:
+    space: str = MISSING
+    """A file in search_spaces/ by bare name (`chat`), or a path to a space YAML."""
+
+
+@dataclass
+class StudySettings:
+    name: str = MISSING
+    """Study name: the same name resumes the same study (finished trials are not measured again)."""
+    n_trials: int = 12
+    """Configurations to measure in total (resumed trials count; pruned and repeated configs do not)."""
+    sampler: str = "nsga2"
+    """nsga2 | tpe (multivariate) | gp | random | grid."""
+    seed: int = 0
+    """Sampler seed, so a study is repeatable."""
+    population_size: int = 6
+    """NSGA-II generation size (small budgets want small generations)."""
+    n_startup_trials: int = 6
+    """TPE/GP: random trials before the model-based sampler takes over."""
+    storage: str | None = None
+    """Optuna storage URL; null = sqlite:///<run dir>/study.db; any SQLAlchemy URL (postgresql://...)."""
+    runs_dir: str = "runs"
+    """Each study's working files go to <runs_dir>/<name>/ (server logs, records, the default storage)."""
+    reports_dir: str = "reports"
+    """report.html, plots and best.yaml go to <reports_dir>/<name>/."""
+    max_repeats: int = 30
+    """Stop after this many samples in a row that repeat a measured config: the space is exhausted."""
+    live: str = "auto"
+    """Live terminal view: auto (when stdout is a terminal) | on | off."""
+
+    def __post_init__(self) -> None:
+        _choose("study.sampler", self.sampler, SAMPLERS)
+        _choose("study.live", self.live, LIVE_MODES)
+        if self.n_trials < 0:
+            raise ValueError(f"study.n_trials={self.n_trials} is invalid: use 0 or more")
+        if self.population_size < 2:
+            raise ValueError(f"study.population_size={self.population_size} is invalid: use at least 2")
+        if self.name != MISSING and ("/" in self.name or not self.name.strip()):
+            raise ValueError(f"study.name={self.name!r} is invalid: use a plain name without '/'")
+
+
+@dataclass
+class ObjectivesSettings:
+    directions: dict[str, str] = MISSING
+    """Objectives in order: a metric of the benchmark summary -> maximize | minimize."""
+    constraints: dict[str, Any] = field(default_factory=dict)
+    """Feasibility: metric -> upper bound (a trial over any bound is infeasible); null disables one."""
+    min_constraints: dict[str, Any] = field(default_factory=dict)
+    """Feasibility: metric -> lower bound (e.g. a throughput floor); null disables one."""
+
+    def __post_init__(self) -> None:
+        if self.directions == MISSING:  # the schema's own default, before a config is merged in
+            return
+        if not self.directions:
+            raise ValueError("objectives.directions is empty: name at least one metric to optimise")
+        for metric, direction in self.directions.items():
+            _choose(f"objectives.directions.{metric}", direction, DIRECTIONS)
+        for section in ("constraints", "min_constraints"):
+            for metric, bound in getattr(self, section).items():
+                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)):
+                    raise ValueError(
+                        f"objectives.{section}.{metric}={bound!r} is invalid: use a number or null"
+                    )
+
+    def bounds(self) -> list[tuple[str, str, float]]:
+        """Active constraints as (metric, 'max' | 'min', bound)."""
+        upper = [(m, "max", float(b)) for m, b in self.constraints.items() if b is not None]
+        lower = [(m, "min", float(b)) for m, b in self.min_constraints.items() if b is not None]
+        return upper + lower
+
+
+@dataclass
+class TrackingSettings:
+    backend: str = "mlflow"
+    """mlflow | none."""
+    uri: str | None = None
+    """MLflow tracking URI; null = sqlite:///<current directory>/mlflow.db."""
+    experiment: str = MISSING
+    """MLflow experiment holding the study's parent run and one child run per trial."""
+    artifact_root: str | None = None
+    """Where a new experiment stores artifacts; null = mlartifacts/ beside a sqlite store."""
+
+    def __post_init__(self) -> None:
+        _choose("tracking.backend", self.backend, TRACKING_BACKENDS)
+
+
+@dataclass
+class TrialSettings:
+    startup_timeout_s: float = 180.0
+    """Time for a server to answer /health before the trial fails."""
+    benchmark_timeout_s: float = 900.0
+    """Time for the whole benchmark; past it the trial fails as `no progress`."""
+    stop_timeout_s: float = 15.0
+    """SIGTERM grace before SIGKILL when stopping a server."""
+    max_failed_fraction: float = 0.1
+    """A trial whose failed requests exceed this share of all requests fails."""
+    server_cpus: list[int] | None = None
+    """CPU cores for the server (taskset); null = every core this process may use."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the server process."""
+
+    def __post_init__(self) -> None:
+        _positive("trial.startup_timeout_s", self.startup_timeout_s)
+        _positive("trial.benchmark_timeout_s", self.benchmark_timeout_s)
+        _positive("trial.stop_timeout_s", self.stop_timeout_s)
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise ValueError(f"trial.max_failed_fraction={self.max_failed_fraction} is invalid: use 0..1")
+
+
+@dataclass
+class ExportSettings:
+    policy: str = "max_throughput_within_slo"
+    """max_throughput_within_slo: the highest throughput among trials meeting every constraint;
+    knee: the front point nearest the ideal point after scaling each objective to [0, 1]."""
+    throughput_metric: str = "output_throughput"
+    """The metric max_throughput_within_slo maximises."""
+    output: str | None = None
+    """Where best.yaml goes; null = <reports_dir>/<study>/best.yaml."""
+
+    def __post_init__(self) -> None:
+        _choose("export.policy", self.policy, EXPORT_POLICIES)
+
+
+@dataclass
+class RunSettings:
+    """The whole composed run config (`autotune run conf=chat --cfg` prints it)."""
+
+    deployment: dict[str, Any] = field(default_factory=dict)
+    """Fixed deployment values (model/ and backend/ groups land here); the search space varies the rest."""
+    search: SearchSettings = field(default_factory=SearchSettings)
+    workload: Any = MISSING
+    """Traffic shape: autotune.traffic.config.WorkloadConfig (conf/workload/)."""
+    arrival: Any = MISSING
+    """Arrival process: autotune.traffic.config.ArrivalConfig (conf/arrival/)."""
+    slo: Any = None
+    """Per-request SLOs for goodput: autotune.traffic.config.SLOConfig (conf/slo/)."""
+    client: Any = field(default_factory=dict)
+    """Load-generator settings: autotune.traffic.config.ClientConfig (defaults suit one local server)."""
+    objectives: ObjectivesSettings = field(default_factory=ObjectivesSettings)
+    study: StudySettings = field(default_factory=StudySettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    trial: TrialSettings = field(default_factory=TrialSettings)
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)

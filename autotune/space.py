@@ -1,0 +1,448 @@
+"""Declarative search spaces (search_spaces/*.yaml): dimensions over DeploymentConfig's dotted keys.
+
+A file has four sections; everything else is rejected by name:
+    description: one line
+    base:        {dotted.key: value}   deployment values every trial shares (the dimensions override them)
+    dimensions:  {dotted.key: {type: categorical|int|float, choices | low/high [step] [log], [when]}}
+                 `when: {other.key: value-or-list}` makes a dimension conditional on earlier ones
+    constraints: [rule names from autotune.constraints.RULES]
+    seeds:       [{dotted.key: value}]  configs measured first (partial; the sampler fills the rest)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import math
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
+
+import optuna
+import yaml
+
+from autotune.constraints import RULES
+from autotune.paths import SEARCH_SPACES_DIR
+from serving.config import ConfigError, DeploymentConfig
+
+Kind = Literal["categorical", "int", "float"]
+SECTIONS = ("description", "base", "dimensions", "constraints", "seeds")
+DIMENSION_KEYS = {"type", "choices", "low", "high", "step", "log", "when"}
+
+
+class SpaceError(ValueError):
+    """A search-space file that cannot be used; the message names the file, the key and the fix."""
+
+
+def deployment_field_types() -> dict[str, Any]:
+    """Type annotation of every dotted DeploymentConfig key (`scheduler.max_num_seqs` -> int)."""
+    types_by_key: dict[str, Any] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+                walk(hint, f"{prefix}{f.name}.")
+            else:
+                types_by_key[f"{prefix}{f.name}"] = hint
+
+    walk(DeploymentConfig, "")
+    return types_by_key
+
+
+FIELD_TYPES = deployment_field_types()
+
+
+def _value_fits(hint: Any, value: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_value_fits(option, value) for option in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _base_kind(hint: Any) -> type | None:
+    """The numeric type behind an annotation, for int/float dimensions (None when not numeric)."""
+    if get_origin(hint) in (types.UnionType, typing.Union):
+        inner = [o for o in get_args(hint) if o is not type(None)]
+        return _base_kind(inner[0]) if len(inner) == 1 else None
+    return hint if hint in (int, float) else None
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched deployment key: its domain and the condition under which it is searched at all."""
+
+    name: str
+    kind: Kind
+    choices: tuple[Any, ...] = ()
+    low: float = 0
+    high: float = 0
+    step: float | None = None
+    log: bool = False
+    when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def is_active(self, params: Mapping[str, Any]) -> bool:
+        """True when every `when` condition holds for the params sampled so far."""
+        return all(key in params and params[key] in allowed for key, allowed in self.when.items())
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.kind == "categorical":
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(
+                int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+    def contains(self, value: Any) -> bool:
+        """Whether a value lies in this dimension's domain (for seeds and conditions)."""
+        if self.kind == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        offset = (value - self.low) / self.step
+        return abs(offset - round(offset)) < 1e-9
+
+    def grid(self, max_points: int | None = None) -> list[Any]:
+        """Every value (categorical, stepped int/float); `max_points` thins long ranges for planning."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int":
+            step = int(self.step or 1)
+            values: list[Any] = list(range(int(self.low), int(self.high) + 1, step))
+            if self.log and self.step is None:
+                values = _log_points(int(self.low), int(self.high))
+        elif self.step is not None:
+            count = round((self.high - self.low) / self.step) + 1
+            values = [self.low + i * self.step for i in range(count)]
+        elif max_points is None:
+            raise SpaceError(f"dimension {self.name}: a float range has no grid; give it a `step` or choices")
+        else:
+            values = [self.low, self.high]
+        if max_points is not None and len(values) > max_points:
+            picks = {round(i * (len(values) - 1) / (max_points - 1)) for i in range(max_points)}
+            values = [values[i] for i in sorted(picks)]
+        return values
+
+
+def _log_points(low: int, high: int) -> list[int]:
+    """Powers of two between low and high, with both ends: the natural grid of a log-scale int."""
+    points = {low, high}
+    value = 1
+    while value <= high:
+        if value >= low:
+            points.add(value)
+        value *= 2
+    return sorted(points)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A parsed, validated search space; build with load_space()."""
+
+    path: Path
+    description: str
+    base: Mapping[str, Any]
+    dimensions: tuple[Dimension, ...]
+    constraints: tuple[str, ...]
+    seeds: tuple[Mapping[str, Any], ...] = ()
+
+    def dimension(self, name: str) -> Dimension:
+        for dim in self.dimensions:
+            if dim.name == name:
+                return dim
+        raise KeyError(name)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Sample the active dimensions in file order (define-by-run, so conditions are respected)."""
+        params: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if not dim.is_active(params):
+                continue
+            if dim.kind == "categorical":
+                params[dim.name] = trial.suggest_categorical(dim.name, list(dim.choices))
+            elif dim.kind == "int":
+                params[dim.name] = trial.suggest_int(
+                    dim.name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log
+                )
+            else:
+                params[dim.name] = trial.suggest_float(
+                    dim.name, dim.low, dim.high, step=dim.step, log=dim.log
+                )
+        return params
+
+    def active_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Drop values of dimensions whose condition does not hold (e.g. from a partial seed)."""
+        kept: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.name in params and dim.is_active(kept):
+                kept[dim.name] = params[dim.name]
+        return kept
+
+    def deployment(self, base: DeploymentConfig, params: Mapping[str, Any]) -> DeploymentConfig:
+        """The base deployment with the sampled values applied (raises ConfigError on a bad combination)."""
+        return base.replace(**dict(params)) if params else base
+
+    def grid(self, max_points: int | None = None) -> dict[str, list[Any]]:
+        return {dim.name: dim.grid(max_points) for dim in self.dimensions}
+
+    def enumerate(self, max_points: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every distinct active combination of the grid, in order; conditional dims only where active."""
+        seen: set[tuple[tuple[str, Any], ...]] = set()
+        grid = self.grid(max_points)
+        names = list(grid)
+        for values in itertools.product(*(grid[n] for n in names)):
+            params = self.active_params(dict(zip(names, values, strict=True)))
+            key = tuple(sorted(params.items()))
+            if key not in seen:
+                seen.add(key)
+                yield params
+
+    def size(self) -> float:
+        """Distinct configurations, or infinity when a float dimension has no step."""
+        try:
+            return float(sum(1 for _ in self.enumerate()))
+        except SpaceError:
+            return math.inf
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def resolve_space_path(name_or_path: str | Path) -> Path:
+    """`chat` -> search_spaces/chat.yaml; a path to a YAML file is used as given."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise SpaceError(f"search space file {candidate} does not exist")
+        return candidate
+    shipped = SEARCH_SPACES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
+    raise SpaceError(f"search.space={name_or_path!r}: no such space; use one of {known} or a path to a .yaml")
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    path = resolve_space_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpaceError(f"{path}: not valid YAML: {err}") from None
+    return parse_space(data, path)
+
+
+def parse_space(data: Any, path: Path) -> SearchSpace:
+    """Validate every section; each error names the file, the key and how to fix it."""
+
+    def fail(key: str, problem: str) -> SpaceError:
+        return SpaceError(f"{path}: {key}: {problem}")
+
+    if not isinstance(data, Mapping):
+        raise fail("(top level)", f"expected a mapping with sections {', '.join(SECTIONS)}")
+    for key in data:
+        if key not in SECTIONS:
+            raise fail(
+                str(key), f"unknown section{_hint(str(key), SECTIONS)}; sections are {', '.join(SECTIONS)}"
+            )
+    base = _parse_base(data.get("base") or {}, fail)
+    raw_dims = data.get("dimensions") or {}
+    if not isinstance(raw_dims, Mapping):
+        raise fail("dimensions", "expected a mapping of dotted deployment keys to dimension specs")
+    dims: list[Dimension] = []
+    for name, spec in raw_dims.items():
+        dims.append(_parse_dimension(str(name), spec, dims, fail))
+    constraints = data.get("constraints") or []
+    if not isinstance(constraints, list):
+        raise fail("constraints", f"expected a list of rule names from {sorted(RULES)}")
+    for rule in constraints:
+        if rule not in RULES:
+            raise fail(
+                f"constraints.{rule}", f"unknown rule{_hint(str(rule), RULES)}; rules are {sorted(RULES)}"
+            )
+    space = SearchSpace(
+        path=path,
+        description=str(data.get("description") or ""),
+        base=base,
+        dimensions=tuple(dims),
+        constraints=tuple(constraints),
+    )
+    seeds = _parse_seeds(data.get("seeds") or [], space, fail)
+    try:
+        DeploymentConfig().replace(**dict(base))
+    except ConfigError as err:
+        raise fail("base", f"{err}") from None
+    return dataclasses.replace(space, seeds=seeds)
+
+
+def _hint(key: str, known: Sequence[str] | Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_key(key: str, where: str, fail: Any) -> Any:
+    if key not in FIELD_TYPES:
+        raise fail(where, f"{key!r} is not a deployment key{_hint(key, FIELD_TYPES)}; see serving/config.py")
+    return FIELD_TYPES[key]
+
+
+def _parse_base(raw: Any, fail: Any) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise fail("base", "expected a mapping of dotted deployment keys to values")
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", raw)
+    for key, value in flat.items():
+        hint = _check_key(key, f"base.{key}", fail)
+        if not _value_fits(hint, value):
+            raise fail(f"base.{key}", f"{value!r} does not fit the field's type {_type_name(hint)}")
+    return flat
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _parse_dimension(name: str, spec: Any, earlier: list[Dimension], fail: Any) -> Dimension:
+    where = f"dimensions.{name}"
+    hint = _check_key(name, where, fail)
+    if name == "server.port":
+        raise fail(where, "the port is chosen per trial; remove this dimension")
+    if not isinstance(spec, Mapping):
+        raise fail(where, "expected a mapping with `type` and `choices` or `low`/`high`")
+    for key in spec:
+        if key not in DIMENSION_KEYS:
+            raise fail(f"{where}.{key}", f"unknown option{_hint(str(key), sorted(DIMENSION_KEYS))}")
+    kind = spec.get("type")
+    when = _parse_when(spec.get("when") or {}, earlier, f"{where}.when", fail)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise fail(f"{where}.choices", "give a non-empty list of values")
+        for value in choices:
+            if not _value_fits(hint, value):
+                raise fail(f"{where}.choices", f"{value!r} does not fit the field's type {_type_name(hint)}")
+        if len(set(map(repr, choices))) != len(choices):
+            raise fail(f"{where}.choices", "remove the repeated values")
+        extra = set(spec) - {"type", "choices", "when"}
+        if extra:
+            raise fail(f"{where}.{sorted(extra)[0]}", "only int and float dimensions take low/high/step/log")
+        return Dimension(name, "categorical", choices=tuple(choices), when=when)
+    if kind in ("int", "float"):
+        return _parse_range(name, kind, spec, hint, when, fail)
+    raise fail(f"{where}.type", f"{kind!r} is not a dimension type; use categorical, int or float")
+
+
+def _parse_range(
+    name: str, kind: Kind, spec: Mapping[str, Any], hint: Any, when: Any, fail: Any
+) -> Dimension:
+    where = f"dimensions.{name}"
+    numeric = _base_kind(hint)
+    if numeric is None or (kind == "float" and numeric is int) or (kind == "int" and numeric is float):
+        raise fail(
+            f"{where}.type", f"{kind} does not fit the field's type {_type_name(hint)}; use categorical"
+        )
+    if "choices" in spec:
+        raise fail(
+            f"{where}.choices", f"a {kind} dimension takes low/high; use type: categorical for choices"
+        )
+    low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), bool(spec.get("log", False))
+    number = int if kind == "int" else (int, float)
+    for key, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise fail(f"{where}.{key}", f"give a{'n integer' if kind == 'int' else ' number'}")
+    low, high = cast(float, low), cast(float, high)
+    if low > high:
+        raise fail(where, f"low <= high must hold, but got (low={low}, high={high})")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, number) or step <= 0):
+        raise fail(f"{where}.step", "give a positive number")
+    if log and step is not None:
+        raise fail(f"{where}.log", "log scale and step cannot be combined; drop one")
+    if log and low <= 0:
+        raise fail(f"{where}.low", f"log scale needs low > 0, got {low}")
+    for bound in (low, high):
+        if not _value_fits(hint, bound) or not _field_accepts(name, bound):
+            raise fail(where, f"{bound!r} is not a valid {name}")
+    return Dimension(name, kind, low=low, high=high, step=step, log=log, when=when)
+
+
+def _field_accepts(name: str, value: Any) -> bool:
+    """Whether the deployment schema's own checks accept this value for the key (on a default config)."""
+    try:
+        DeploymentConfig.from_flat({name: value})
+    except ConfigError as err:
+        return name not in str(err).split("=")[0]
+    return True
+
+
+def _parse_when(raw: Any, earlier: list[Dimension], where: str, fail: Any) -> dict[str, tuple[Any, ...]]:
+    if not isinstance(raw, Mapping):
+        raise fail(where, "expected a mapping {earlier.dimension: value or [values]}")
+    by_name = {d.name: d for d in earlier}
+    when: dict[str, tuple[Any, ...]] = {}
+    for key, value in raw.items():
+        if key not in by_name:
+            raise fail(
+                f"{where}.{key}", f"conditions refer to dimensions declared above; known: {list(by_name)}"
+            )
+        allowed = tuple(value) if isinstance(value, list) else (value,)
+        dim = by_name[key]
+        for item in allowed:
+            if not dim.contains(item):
+                raise fail(f"{where}.{key}", f"{item!r} is outside that dimension's domain")
+        when[str(key)] = allowed
+    return when
+
+
+def _parse_seeds(raw: Any, space: SearchSpace, fail: Any) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(raw, list):
+        raise fail("seeds", "expected a list of {dimension: value} mappings")
+    seeds = []
+    for index, seed in enumerate(raw):
+        where = f"seeds[{index}]"
+        if not isinstance(seed, Mapping):
+            raise fail(where, "expected a mapping {dimension: value}")
+        for key, value in seed.items():
+            try:
+                dim = space.dimension(str(key))
+            except KeyError:
+                names = [d.name for d in space.dimensions]
+                raise fail(
+                    f"{where}.{key}", f"not a dimension of this space{_hint(str(key), names)}"
+                ) from None
+            if not dim.contains(value):
+                raise fail(f"{where}.{key}", f"{value!r} is outside the dimension's domain")
+        seeds.append(dict(seed))
+    return tuple(seeds)

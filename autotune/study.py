@@ -1,0 +1,252 @@
+"""The study loop: Optuna ask/tell over the search space, one real launch per new configuration.
+
+Per ask: sample the space -> build the DeploymentConfig (a bad combination is pruned) -> reuse the result
+of an earlier trial with the same deployment (never measure twice) -> pre-launch checks and the memory
+planner (pruned with the reason) -> launch and benchmark -> tell values and constraints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autotune import results as R
+from autotune.context import StudyContext
+from autotune.observer import StudyObserver
+from autotune.results import TrialRecord, load_records, record_of
+from autotune.samplers import make_sampler
+from autotune.trial_runner import TrialOutcome, run_trial
+from serving.config import ConfigError, DeploymentConfig
+
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
+def config_key(config: DeploymentConfig) -> str:
+    """Identity of a deployment for the repeat check: every field except where it listens."""
+    flat = {k: v for k, v in config.to_flat().items() if not k.startswith("server.port")}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_study(ctx: StudyContext) -> optuna.Study:
+    """Create the study, or load it when the name exists (then the objectives must match)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if ctx.storage_url.startswith("sqlite:///"):
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=ctx.name,
+        storage=ctx.storage_url,
+        directions=[optuna.study.StudyDirection[d.upper()] for d in ctx.objectives.directions],
+        sampler=make_sampler(ctx.settings.study, ctx.space),
+        load_if_exists=True,
+    )
+    names = study.metric_names
+    if names is None:
+        study.set_metric_names(ctx.objectives.names)
+    elif list(names) != ctx.objectives.names:
+        raise ValueError(
+            f"study {ctx.name!r} in {ctx.storage_url} optimises {list(names)}, not {ctx.objectives.names}: "
+            "use another study.name for other objectives"
+        )
+    return study
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's worker: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StudyLoop:
+    """Runs trials until `study.n_trials` configurations have been measured (resumed ones included)."""
+
+    def __init__(self, ctx: StudyContext, study: optuna.Study, observers: Sequence[StudyObserver] = ()):
+        self.ctx = ctx
+        self.study = study
+        self.observers = list(observers)
+        self.traffic = ctx.traffic()
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+
+    def measured(self) -> int:
+        return sum(
+            1
+            for t in self.study.get_trials(deepcopy=False, states=FINISHED)
+            if t.user_attrs.get(R.MEASURED) and not t.user_attrs.get(R.RETRYABLE)
+        )
+
+    def fail_orphans(self) -> None:
+        """RUNNING trials whose process on this host is gone (a killed run) become retryable failures."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = t.user_attrs.get(R.OWNER)
+            if owner and not _alive(owner):
+                self.study._storage.set_trial_user_attr(t._trial_id, R.REASON, "interrupted (process gone)")
+                self.study._storage.set_trial_user_attr(t._trial_id, R.RETRYABLE, True)
+                self.study.tell(t.number, state=TrialState.FAIL)
+
+    def enqueue_seeds(self) -> None:
+        """Seed configurations go first, once per study (enqueue skips ones already there)."""
+        for seed in self.ctx.space.seeds:
+            self.study.enqueue_trial(dict(seed), skip_if_exists=True)
+
+    def earlier_result(self, key: str, number: int) -> FrozenTrial | None:
+        """A finished (or running) trial with the same deployment; COMPLETE preferred."""
+        same = [
+            t
+            for t in self.study.get_trials(deepcopy=False)
+            if t.number != number
+            and t.user_attrs.get(R.CONFIG_KEY) == key
+            and t.user_attrs.get(R.REPEAT_OF) is None
+            and not t.user_attrs.get(R.RETRYABLE)
+            and t.state in (*FINISHED, TrialState.RUNNING)
+        ]
+        same.sort(key=lambda t: (t.state != TrialState.COMPLETE, t.state == TrialState.RUNNING, t.number))
+        return same[0] if same else None
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> list[TrialRecord]:
+        total = self.ctx.settings.study.n_trials
+        self.fail_orphans()
+        self.enqueue_seeds()
+        for o in self.observers:
+            o.study_started(self.ctx.name, total, load_records(self.study))
+        idle = 0
+        try:
+            while self.measured() < total:
+                launched = self.step()
+                idle = 0 if launched else idle + 1
+                if idle >= self.ctx.settings.study.max_repeats:
+                    print(
+                        f"autotune: {idle} samples in a row needed no launch (repeats or pruned): "
+                        "the space looks exhausted; stopping"
+                    )
+                    break
+        finally:
+            records = load_records(self.study)
+            for o in self.observers:
+                o.study_finished(records)
+        return records
+
+    def step(self) -> bool:
+        """One ask/tell; True when a server was launched."""
+        trial = self.study.ask()
+        trial.set_user_attr(R.OWNER, _owner())
+        params = self.ctx.space.suggest(trial)
+        try:
+            config = self.ctx.space.deployment(self.ctx.base, params)
+        except ConfigError as err:
+            self._prune(trial, f"invalid combination: {err}", {})
+            return False
+        key = config_key(config)
+        trial.set_user_attr(R.CONFIG_KEY, key)
+        trial.set_user_attr(R.DEPLOYMENT, config.to_flat())
+        earlier = self.earlier_result(key, trial.number)
+        if earlier is not None:
+            self._repeat(trial, earlier)
+            return False
+        reason, _plan = self.ctx.check(config)
+        if reason:
+            self._prune(trial, reason, config.to_flat())
+            return False
+        self._measure(trial, config, params)
+        return True
+
+    def _prune(self, trial: optuna.Trial, reason: str, flat: dict[str, Any]) -> None:
+        trial.set_user_attr(R.REASON, reason)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        self._finished(trial.number, None)
+
+    def _repeat(self, trial: optuna.Trial, earlier: FrozenTrial) -> None:
+        """Reuse the earlier result: same state, values, constraints and metrics; nothing launched."""
+        trial.set_user_attr(R.REPEAT_OF, earlier.number)
+        if earlier.state == TrialState.RUNNING:
+            trial.set_user_attr(R.REASON, f"same deployment is being measured by trial {earlier.number}")
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            for name in (R.METRICS, R.REASON):
+                if name in earlier.user_attrs:
+                    trial.set_user_attr(name, earlier.user_attrs[name])
+            for name, value in earlier.constraints.items():
+                trial.set_constraint(name, value)
+            if earlier.state == TrialState.COMPLETE:
+                self.study.tell(trial, earlier.values)
+            else:
+                self.study.tell(trial, state=earlier.state)
+        self._finished(trial.number, None)
+
+    def _measure(self, trial: optuna.Trial, config: DeploymentConfig, params: dict[str, Any]) -> None:
+        for o in self.observers:
+            o.trial_started(trial.number, params)
+        trial_dir = self.ctx.run_dir / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr(R.TRIAL_DIR, str(trial_dir))
+        cpus, env = self._allocate(config)
+        try:
+            outcome = run_trial(
+                config,
+                self.traffic,
+                self.ctx.settings.trial,
+                trial_dir,
+                cpus=cpus,
+                extra_env=env,
+                on_phase=self._phase,
+            )
+        except BaseException:
+            trial.set_user_attr(R.REASON, "interrupted")
+            trial.set_user_attr(R.RETRYABLE, True)
+            self.study.tell(trial, state=TrialState.FAIL)
+            raise
+        trial.set_user_attr(R.MEASURED, True)
+        trial.set_user_attr(R.DURATION, outcome.duration_s)
+        trial.set_user_attr(R.METRICS, outcome.metrics)
+        if outcome.ok:
+            try:
+                values = self.ctx.objectives.values(outcome.metrics)
+            except (KeyError, ValueError) as err:
+                outcome.ok, outcome.reason = False, str(err)
+        if outcome.ok:
+            for name, value in self.ctx.objectives.constraint_values(outcome.metrics).items():
+                trial.set_constraint(name, value)
+            self.study.tell(trial, values)
+        else:
+            trial.set_user_attr(R.REASON, outcome.reason)
+            self.study.tell(trial, state=TrialState.FAIL)
+        self._finished(trial.number, outcome)
+
+    def _allocate(self, config: DeploymentConfig) -> tuple[list[int] | None, dict[str, str]]:
+        """All the CPU cores (or the configured ones); on GPUs the first world_size devices."""
+        devices = self.ctx.devices
+        env: dict[str, str] = {}
+        if devices.gpus and config.device != "cpu":
+            chosen = devices.gpus[: config.parallel.world_size]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g.index) for g in chosen)
+        cpus = self.ctx.settings.trial.server_cpus or list(devices.cpus)
+        return cpus, env
+
+    def _phase(self, text: str) -> None:
+        for o in self.observers:
+            o.phase(text)
+
+    def _finished(self, number: int, outcome: TrialOutcome | None) -> None:
+        record = record_of(self.study.get_trials(deepcopy=False)[number])
+        for o in self.observers:
+            o.trial_finished(record, outcome)

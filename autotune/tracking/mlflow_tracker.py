@@ -1,0 +1,191 @@
+"""MLflow: a parent run per study (resolved config, trials table, Pareto plots, best.yaml) and a child
+run per trial (the flattened deployment as params, every metric, server log and request records).
+
+Writes go through MlflowClient.log_batch, so a trial is one round-trip however many metrics it has.
+A resumed study finds its parent run by tag and logs only the trials not logged yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autotune.observer import StudyObserver
+from autotune.results import TrialRecord
+from autotune.settings import TrackingSettings
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from autotune.trial_runner import TrialOutcome
+
+STUDY_TAG = "autotune.study"
+ROLE_TAG = "autotune.role"
+TRIAL_TAG = "autotune.trial"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_CHARS = 6000
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
+def resolve_uri(settings: TrackingSettings) -> str:
+    return settings.uri or default_tracking_uri()
+
+
+def _artifact_root(uri: str, settings: TrackingSettings) -> str | None:
+    if settings.artifact_root:
+        return str(Path(settings.artifact_root).resolve())
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts")
+    return None
+
+
+class MlflowTracker(StudyObserver):
+    def __init__(self, settings: TrackingSettings, *, study_name: str, resolved_config: str) -> None:
+        for name in ("alembic", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(settings)
+        self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
+        self.study_name = study_name
+        self.resolved_config = resolved_config
+        self.experiment_id = self._experiment(settings)
+        self.parent_id = ""
+        self.logged: dict[int, str] = {}
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def _experiment(self, settings: TrackingSettings) -> str:
+        found = self.client.get_experiment_by_name(settings.experiment)
+        if found is not None:
+            return str(found.experiment_id)
+        return str(
+            self.client.create_experiment(
+                settings.experiment, artifact_location=_artifact_root(self.uri, settings)
+            )
+        )
+
+    def _find_parent(self) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' and tags.`{ROLE_TAG}` = 'study'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def _logged_trials(self) -> dict[int, str]:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=5000
+        )
+        return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+
+    def study_started(self, name: str, total: int, records: Sequence[TrialRecord]) -> None:
+        from mlflow.entities import RunStatus
+
+        parent = self._find_parent()
+        if parent is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=name,
+                tags={STUDY_TAG: name, ROLE_TAG: "study"},
+            )
+            parent = run.info.run_id
+        else:
+            self.client.update_run(parent, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.parent_id = parent
+        self._log_text(parent, self.resolved_config, "config.yaml")
+        self.logged = self._logged_trials()
+        for record in records:  # trials of an earlier, interrupted run not logged yet
+            if record.state != "RUNNING" and record.number not in self.logged:
+                self.trial_finished(record, None)
+
+    # --- per trial -------------------------------------------------------------------------------
+
+    def trial_finished(self, record: TrialRecord, outcome: TrialOutcome | None) -> None:
+        from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+        if record.repeat_of is not None or record.number in self.logged or not self.parent_id:
+            return
+        status = {"COMPLETE": RunStatus.FINISHED, "FAIL": RunStatus.FAILED}.get(
+            record.state, RunStatus.KILLED
+        )
+        tags = {
+            PARENT_TAG: self.parent_id,
+            STUDY_TAG: self.study_name,
+            ROLE_TAG: "trial",
+            TRIAL_TAG: str(record.number),
+            "state": record.state,
+            "feasible": str(record.feasible and record.complete).lower(),
+            "pareto": "false",
+        }
+        if record.reason:
+            tags["reason"] = record.reason[:5000]
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.number:03d}", tags=tags)
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(record.deployment.items())]
+        metrics = [Metric(k, float(v), now, 0) for k, v in sorted(record.metrics.items())]
+        for name, value in record.constraints.items():
+            metrics.append(Metric(f"constraint.{name}", float(value), now, 0))
+        for chunk in _chunks(params, 100):
+            self.client.log_batch(run_id, params=chunk)
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+        self.client.log_batch(run_id, tags=[RunTag("mlflow.note.content", record.label or "base config")])
+        for path in _trial_artifacts(record, outcome):
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+        self.logged[record.number] = run_id
+
+    # --- end of study ----------------------------------------------------------------------------
+
+    def finalize(
+        self, records: Sequence[TrialRecord], front: Iterable[int], artifacts: Iterable[Path]
+    ) -> None:
+        """Tag the front, log the study's summary metrics and files, close the parent run."""
+        from mlflow.entities import Metric, RunStatus
+
+        if not self.parent_id:
+            return
+        on_front = set(front)
+        for number, run_id in self.logged.items():
+            self.client.set_tag(run_id, "pareto", str(number in on_front).lower())
+        now = int(time.time() * 1000)
+        counts: dict[str, int] = {}
+        for r in records:
+            if r.repeat_of is None:
+                counts[r.state] = counts.get(r.state, 0) + 1
+        summary = {f"trials_{k.lower()}": float(v) for k, v in counts.items()}
+        summary["pareto_size"] = float(len(on_front))
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
+        for path in artifacts:
+            if path.exists():
+                self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_terminated(self.parent_id, status=RunStatus.to_string(RunStatus.FINISHED))
+
+    def _log_text(self, run_id: str, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.client.log_artifact(run_id, str(path))
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _trial_artifacts(record: TrialRecord, outcome: TrialOutcome | None) -> list[Path]:
+    directory = Path(outcome.trial_dir) if outcome else (Path(record.trial_dir) if record.trial_dir else None)
+    if directory is None or not directory.is_dir():
+        return []
+    wanted = [directory / name for name in ("server.log", "records.jsonl", "summary.json")]
+    wanted += sorted(directory.glob("*.yaml"))
+    return [path for path in wanted if path.is_file()]

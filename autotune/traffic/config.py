@@ -1,0 +1,259 @@
+"""Typed, frozen configs for one benchmark: what to send (workload), when (arrival), how (client), and the
+SLOs that define goodput. Built from Hydra DictConfigs or plain mappings; unknown keys are rejected by name,
+because a misspelled knob in a tuner silently gives a wrong result."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args
+
+from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
+
+LengthDist = Literal["constant", "uniform", "normal", "lognormal"]
+Api = Literal["completions", "chat"]
+ArrivalKind = Literal["poisson", "gamma", "constant", "closed"]
+
+
+def _plain(source: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    if isinstance(source, DictConfig):
+        container = OmegaConf.to_container(source, resolve=True)
+        if not isinstance(container, dict):
+            raise ValueError(f"expected a mapping, got {type(container).__name__}")
+        return {str(k): v for k, v in container.items()}
+    return dict(source)
+
+
+def _check_keys(cls: type, where: str, data: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+def _check_choice(where: str, value: object, literal: Any) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise ValueError(f"{where}={value!r} is not one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class LengthDistribution:
+    """A token-length distribution; every sample is clipped to [min, max]."""
+
+    dist: LengthDist = "constant"
+    mean: int = 128
+    """Mean length in tokens (the value itself for `constant`)."""
+    range_ratio: float = 0.0
+    """`uniform`: integers in [mean*(1-r), mean*(1+r)] (vLLM's --random-range-ratio)."""
+    std: float = 0.0
+    """`normal`: standard deviation in tokens; `lognormal`: sigma of log(length)."""
+    min: int = 1
+    max: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("dist", self.dist, LengthDist)
+        if self.mean < 1:
+            raise ValueError(f"mean must be >= 1 token, got {self.mean}")
+        if not 0.0 <= self.range_ratio < 1.0:
+            raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+        if self.std < 0:
+            raise ValueError(f"std must be >= 0, got {self.std}")
+        if self.min < 0 or (self.max is not None and self.max < self.min):
+            raise ValueError(f"need 0 <= min <= max, got min={self.min}, max={self.max}")
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | DictConfig | int, where: str) -> LengthDistribution:
+        if isinstance(source, int):
+            return cls(dist="constant", mean=source)
+        data = _plain(source)
+        _check_keys(cls, where, data)
+        try:
+            return cls(**data)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """What each request carries: a shared prefix (system prompt), a per-request part, an output length."""
+
+    name: str = "chat"
+    api: Api = "completions"
+    """`completions`: text to /v1/completions; `chat`: system + user messages to /v1/chat/completions."""
+    prefix_len: int = 0
+    """Tokens of the shared system-prompt prefix, identical in every request (prefix-cache friendly)."""
+    input_len: LengthDistribution = field(default_factory=LengthDistribution)
+    """Tokens of the per-request part (user turn or document); prompt = prefix + this (+ special tokens)."""
+    output_len: LengthDistribution = field(default_factory=lambda: LengthDistribution(mean=64))
+    """max_tokens of each request; with ignore_eos the server generates exactly this many."""
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    seed: int = 0
+    tokenizer: str | None = None
+    """Tokenizer dir or shipped model name; None: the --model name, if it resolves to a local tokenizer."""
+    align_with_server: bool = True
+    """Check prompt counts against the server's /tokenize (when it has one) and re-align mismatches."""
+
+    def __post_init__(self) -> None:
+        _check_choice("workload.api", self.api, Api)
+        if self.prefix_len < 0:
+            raise ValueError(f"workload.prefix_len must be >= 0, got {self.prefix_len}")
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> WorkloadConfig:
+        data = _plain(source)
+        _check_keys(cls, "workload", data)
+        for key in ("input_len", "output_len"):
+            if key in data:
+                data[key] = LengthDistribution.from_config(data[key], f"workload.{key}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ArrivalConfig:
+    """When requests are sent: open loop (poisson, gamma, constant) at `rate`, or closed at `concurrency`."""
+
+    kind: ArrivalKind = "poisson"
+    rate: float = 1.0
+    """Open loop: requests per second."""
+    burstiness: float = 1.0
+    """`gamma` shape k (vLLM's --burstiness): < 1 burstier, > 1 more regular; `poisson` is k = 1."""
+    concurrency: int | None = None
+    """Closed loop: requests in flight. Open loop: an optional cap (the wait is client queue time)."""
+    num_requests: int | None = 32
+    """Timed requests. Open loop with only duration_s: rate * duration_s. Closed loop: the cap."""
+    duration_s: float | None = None
+    """Stop issuing new requests after this many seconds (in-flight ones finish and count)."""
+    warmup_requests: int = 0
+    """Sent before the timed window and excluded from the results."""
+    sweep: tuple[float, ...] | None = None
+    """Rates (open loop) or concurrencies (closed loop) to run in turn; overrides rate/concurrency."""
+    seed: int = 0
+    normalize: bool = True
+    """Rescale sampled gaps so the last arrival is at num_requests / rate, as vLLM does (steadier runs)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("arrival.kind", self.kind, ArrivalKind)
+        if self.kind == "closed":
+            if self.concurrency is None or self.concurrency < 1:
+                raise ValueError(
+                    f"arrival.concurrency must be >= 1 for a closed loop, got {self.concurrency}"
+                )
+            if self.num_requests is None:
+                raise ValueError(
+                    "arrival.num_requests is required for a closed loop (it caps the prompt pool)"
+                )
+        else:
+            if not (self.rate > 0 and math.isfinite(self.rate)):
+                raise ValueError(f"arrival.rate must be a positive finite req/s, got {self.rate}")
+            if self.concurrency is not None and self.concurrency < 1:
+                raise ValueError(f"arrival.concurrency must be >= 1 or null, got {self.concurrency}")
+            if self.num_requests is None and self.duration_s is None:
+                raise ValueError("set arrival.num_requests or arrival.duration_s to bound the run")
+        if self.kind == "poisson" and self.burstiness != 1.0:
+            raise ValueError("arrival.burstiness applies to kind=gamma; poisson is gamma with k=1")
+        if self.burstiness <= 0:
+            raise ValueError(f"arrival.burstiness must be > 0, got {self.burstiness}")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise ValueError(f"arrival.num_requests must be >= 1, got {self.num_requests}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ValueError(f"arrival.duration_s must be > 0, got {self.duration_s}")
+        if self.warmup_requests < 0:
+            raise ValueError(f"arrival.warmup_requests must be >= 0, got {self.warmup_requests}")
+        if self.sweep is not None and (not self.sweep or min(self.sweep) <= 0):
+            raise ValueError(f"arrival.sweep must list positive values, got {self.sweep}")
+
+    @property
+    def closed(self) -> bool:
+        return self.kind == "closed"
+
+    @property
+    def request_count(self) -> int:
+        """Timed requests to prepare prompts for."""
+        if self.num_requests is not None:
+            return self.num_requests
+        assert self.duration_s is not None  # checked in __post_init__
+        return max(1, math.ceil(self.rate * self.duration_s))
+
+    def expand(self) -> list[ArrivalConfig]:
+        """One config per sweep point (or just this one)."""
+        if self.sweep is None:
+            return [self]
+        if self.closed:
+            return [dataclasses.replace(self, sweep=None, concurrency=int(v)) for v in self.sweep]
+        return [dataclasses.replace(self, sweep=None, rate=float(v)) for v in self.sweep]
+
+    def label(self) -> str:
+        if self.closed:
+            return f"closed_c{self.concurrency}"
+        return f"{self.kind}_r{self.rate:g}"
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> ArrivalConfig:
+        data = _plain(source)
+        _check_keys(cls, "arrival", data)
+        if data.get("sweep") is not None:
+            data["sweep"] = tuple(float(v) for v in data["sweep"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    """Per-request latency objectives in ms; goodput counts completed requests meeting every one set."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"slo.{name} must be >= 0 ms or null, got {value}")
+
+    def as_dict(self) -> dict[str, float]:
+        """vLLM's goodput dict: {"ttft": ms, ...} with only the objectives that are set."""
+        pairs = {"ttft": self.ttft_ms, "tpot": self.tpot_ms, "e2el": self.e2el_ms}
+        return {k: float(v) for k, v in pairs.items() if v is not None}
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> SLOConfig:
+        data = _plain(source)
+        _check_keys(cls, "slo", data)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How the load generator itself runs."""
+
+    processes: int = 1
+    """Client processes sharing the schedule (request i goes to process i % processes)."""
+    timeout_s: float = 600.0
+    """Whole-request time limit; a request over it fails with reason `timeout`."""
+    connect_timeout_s: float = 10.0
+    max_connections: int | None = None
+    """Keep-alive pool size; None: the concurrency (closed loop or cap), else the request count (max 4096)."""
+    uvloop: bool = True
+    """Run the client event loop on uvloop when it is installed (less client overhead)."""
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise ValueError(f"client.processes must be >= 1, got {self.processes}")
+        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("client.timeout_s and client.connect_timeout_s must be > 0")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"client.max_connections must be >= 1 or null, got {self.max_connections}")
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> ClientConfig:
+        data = _plain(source)
+        _check_keys(cls, "client", data)
+        return cls(**data)

@@ -1,0 +1,50 @@
+"""The builtin engine's backend: `python -m serving.cli serve --config <deploy yaml> --port N`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from serving.backends.base import ServingBackend
+from serving.config import ConfigError, DeploymentConfig
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+"""The directory holding the `serving` package, so `python -m serving.cli` imports this very copy."""
+
+
+class BuiltinBackend(ServingBackend):
+    name = "builtin"
+
+    def validate(self, config: DeploymentConfig) -> None:
+        """Every DeploymentConfig field is a builtin-engine knob; only the backend name can be wrong."""
+        if config.backend != self.name:
+            raise ConfigError(f"backend={config.backend!r} handed to the builtin backend; use get_backend()")
+
+    def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
+        """With config_path the full config is written there; without, the fields that differ from the
+        defaults go on the command line as --set overrides (the same config either way)."""
+        base = [sys.executable, "-m", "serving.cli", "serve"]
+        if config_path is not None:
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(config.to_yaml())
+            return [*base, "--config", str(config_path), "--port", str(port)]
+        defaults = DeploymentConfig().to_flat()
+        sets: list[str] = []
+        for key, value in config.to_flat().items():
+            if key != "server.port" and value != defaults[key]:
+                sets += ["--set", f"{key}={yaml_scalar(value)}"]
+        return [*base, *sets, "--port", str(port)]
+
+    def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:
+        path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        return {**super().env(config, cpus), "PYTHONPATH": path}
+
+
+def yaml_scalar(value: object) -> str:
+    """A value as `--set` reads it back (strings that look like numbers stay quoted)."""
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.removesuffix("...").strip()

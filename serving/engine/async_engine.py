@@ -1,0 +1,196 @@
+"""AsyncEngine: the LLMEngine step loop in a background thread, requests streamed through asyncio queues.
+
+The thread owns the engine: requests and aborts reach it as commands, its outputs come back to the event
+loop with call_soon_threadsafe, one batch per step. torch releases the GIL inside its kernels, so the event
+loop (HTTP parsing, SSE writes) keeps running while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from serving.config import DeploymentConfig
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.metrics import EngineMetrics
+from serving.engine.outputs import EngineStats, RequestOutput
+from serving.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.1
+"""Longest sleep with no work; a new request wakes the loop at once."""
+GATHER_WAIT_S = 0.001
+"""Sleep while requests wait but nothing can run yet (a static batch still gathering)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped (crashed or shut down); requests in flight fail with this."""
+
+
+class AsyncEngine:
+    """Thread-backed engine with an asyncio interface (see CONTRACTS.md, "Engine")."""
+
+    def __init__(self, engine: LLMEngine, *, tokenizer: Any = None, model_name: str = "model") -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self.metrics = EngineMetrics()
+        self.registry: CollectorRegistry = self.metrics.registry
+        self._commands: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._error: BaseException | None = None
+        self._observe(None)
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig) -> AsyncEngine:
+        """Load the model and size the KV cache (blocking: call before the event loop serves)."""
+        engine = LLMEngine.from_config(config)
+        return cls(engine, tokenizer=engine.tokenizer, model_name=config.model.name)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine.start() was already called")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the step loop; requests still in flight fail with EngineDeadError."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._fail_all(EngineDeadError("engine shut down"))
+
+    def is_healthy(self) -> bool:
+        """False once the step loop has died (or was shut down)."""
+        if self._error is not None or self._stopping:
+            return False
+        return self._thread is None or self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream one RequestOutput per step that gives this request tokens; the last has finished=True.
+
+        ValueError for a request the engine cannot run (empty, too long, duplicate id); closing the
+        iterator early (client gone) aborts the request and frees its blocks.
+        """
+        if self._thread is None:
+            raise RuntimeError("call AsyncEngine.start() before generate()")
+        if not self.is_healthy():
+            raise EngineDeadError(f"engine step loop is not running: {self._error!r}")
+        self.engine.validate_request(prompt_token_ids, params)
+        if request_id in self._queues:
+            raise ValueError(f"request_id {request_id!r} is already running: use a unique id")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._submit(("add", request_id, list(prompt_token_ids), params, priority, self.engine.clock()))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._submit(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its stream ends with finish_reason "abort"."""
+        self._submit(("abort", request_id))
+
+    def _submit(self, command: tuple[Any, ...]) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    # --- the step loop (engine thread) ---------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._apply_commands()
+                if not engine.has_unfinished():
+                    self._wake.wait(IDLE_WAIT_S)
+                    continue
+                outputs = engine.step()
+                if engine.last_step_idle:
+                    self._wake.wait(GATHER_WAIT_S)
+                    continue
+                self._observe(engine.last_step_seconds)  # before the outputs: a client sees fresh metrics
+                if outputs:
+                    self._post(self._dispatch, outputs)
+        except BaseException as err:
+            log.exception("engine step loop died")
+            self._error = err
+            self._post(self._fail_all, EngineDeadError(f"engine step loop died: {err!r}"))
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            kind, request_id, *args = self._commands.popleft()
+            if kind == "add":
+                prompt, params, priority, arrival = args
+                try:
+                    self.engine.add_request(request_id, prompt, params, priority, arrival_time=arrival)
+                except ValueError as err:
+                    self._post(self._deliver, request_id, err)
+            else:
+                stop = self.engine.abort(request_id)
+                if stop is not None:
+                    self._observe(None)
+                    self._post(self._deliver, request_id, stop)
+
+    def _observe(self, step_seconds: float | None) -> None:
+        e = self.engine
+        totals = (e.num_prompt_tokens_total, e.num_generation_tokens_total)
+        self.metrics.observe(e.stats(), *totals, step_seconds)
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # --- event-loop side -----------------------------------------------------------------------
+
+    def _dispatch(self, outputs: Sequence[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(err)

@@ -1,0 +1,156 @@
+"""Attention over the paged KV cache, plugged into transformers' model classes through AttentionInterface.
+
+The model code stays transformers' own (so DeepSpeed AutoTP can shard it); each layer calls one of these
+functions with query [1, H, T, D] and rotated key/value [1, KVH, T, D] for the T tokens of the step (all
+sequences flattened, prefill and decode mixed). The function writes key/value into the cache at the step's
+slots, then attends each token to its own sequence's cached context. Head counts come from the tensors,
+never the config, because a tensor-parallel rank sees only its share of the heads.
+
+Backends (config.attention), all giving the same greedy tokens:
+- eager: reference math, one sequence at a time: gather its K/V, matmul, causal mask, softmax, matmul.
+- sdpa: torch SDPA over a padded [sequences, max query, max context] batch with enable_gqa and a mask.
+- paged: decode rows read K/V straight through their block tables (one batched SDPA over whole blocks,
+  masked by length); prefill rows form their own padded batch, so decodes never pay for prompt padding.
+  No per-sequence loops.
+Metadata tensors are built once per step (metadata.py) and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from serving.config import AttentionBackend
+from serving.engine.attention_metadata import AttentionMetadata
+
+METADATA_KWARG = "paged_attention_metadata"
+"""Keyword the runner passes to model(...); transformers hands it through to the attention function."""
+
+
+def _write_cache(meta: AttentionMetadata, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    k_cache, v_cache = meta.kv_caches[layer]
+    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
+    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+
+
+def _metadata(layer: Any, kwargs: dict[str, Any]) -> tuple[AttentionMetadata, int]:
+    meta = kwargs.get(METADATA_KWARG)
+    if meta is None:
+        raise RuntimeError(
+            f"paged attention needs the {METADATA_KWARG}= keyword on model(...): run the model through "
+            "serving.engine.model_runner.ModelRunner"
+        )
+    return meta, layer.layer_idx
+
+
+def eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Reference: per sequence, scores = q k^T * scale, causal mask by position, softmax, times v."""
+    meta, layer = _metadata(module, kwargs)
+    _write_cache(meta, layer, key, value)
+    k_cache, v_cache = meta.kv_caches[layer]
+    num_heads, head_dim = query.shape[1], query.shape[3]
+    group = num_heads // k_cache.shape[1]
+    scale = scaling if scaling is not None else head_dim**-0.5
+    out = query.new_empty(query.shape[2], num_heads, head_dim)
+    for q_start, q_len, ctx_slots, pos_start in zip(
+        meta.query_starts, meta.query_lens, meta.context_slots, meta.starts, strict=True
+    ):
+        q = query[0, :, q_start : q_start + q_len]  # [H, q, D]
+        k = k_cache[ctx_slots].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
+        v = v_cache[ctx_slots].transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, q, L]
+        q_pos = torch.arange(pos_start, pos_start + q_len, device=q.device)
+        k_pos = torch.arange(k.shape[1], device=q.device)
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out[q_start : q_start + q_len] = torch.matmul(probs, v).transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """One SDPA over sequences padded to [B, max query, max context]; padding rows are dropped after."""
+    meta, layer = _metadata(module, kwargs)
+    _write_cache(meta, layer, key, value)
+    k_cache, v_cache = meta.kv_caches[layer]
+    pad = meta.padded_batch()
+    num_heads, head_dim = query.shape[1], query.shape[3]
+    q = query[0].transpose(0, 1)[pad.query_index].transpose(1, 2)  # [B, H, Qmax, D]
+    k = k_cache[pad.key_slots].transpose(1, 2)  # [B, KVH, Lmax, D]
+    v = v_cache[pad.key_slots].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.mask, scale=scaling, enable_gqa=True)
+    o = o.transpose(1, 2).reshape(-1, num_heads, head_dim).index_select(0, pad.output_index)
+    return o.unsqueeze(0), None
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Decode rows (first in the batch) through block tables; prefill rows as their own padded batch."""
+    meta, layer = _metadata(module, kwargs)
+    _write_cache(meta, layer, key, value)
+    k_cache, v_cache = meta.kv_caches[layer]
+    paged = meta.paged_batch()
+    num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    block_size = meta.block_size
+    parts: list[torch.Tensor] = []
+    num_decode = paged.num_decode
+    if num_decode:
+        q = query[0, :, :num_decode].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
+        blocks = paged.decode_block_tables  # [Bd, max blocks]
+        k = k_cache.view(-1, block_size, num_kv_heads, head_dim)[blocks]  # [Bd, nb, bs, KVH, D]
+        v = v_cache.view(-1, block_size, num_kv_heads, head_dim)[blocks]
+        k = k.flatten(1, 2).transpose(1, 2)  # [Bd, KVH, nb*bs, D]
+        v = v.flatten(1, 2).transpose(1, 2)
+        mask = paged.decode_mask
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        parts.append(o.squeeze(2))  # [Bd, H, D]
+    if paged.prefill is not None:
+        pad = paged.prefill
+        q = query[0].transpose(0, 1)[pad.query_index].transpose(1, 2)  # [Bp, H, Qmax, D]
+        k = k_cache[pad.key_slots].transpose(1, 2)  # [Bp, KVH, Lmax, D]
+        v = v_cache[pad.key_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.mask, scale=scaling, enable_gqa=True)
+        num_heads = query.shape[1]
+        parts.append(o.transpose(1, 2).reshape(-1, num_heads, head_dim).index_select(0, pad.output_index))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return out.unsqueeze(0), None
+
+
+IMPLEMENTATIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "paged": paged_attention}
+
+
+def attn_implementation_name(backend: AttentionBackend) -> str:
+    """The name to pass as attn_implementation when loading a model for this backend (registered here)."""
+    if backend not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={backend!r} is invalid: choose one of {', '.join(IMPLEMENTATIONS)}")
+    name = f"autotune_{backend}"
+    AttentionInterface.register(name, IMPLEMENTATIONS[backend])
+    return name

@@ -1,0 +1,158 @@
+"""Model and tokenizer loading for the builtin engine: local dirs, shipped models, hub ids from the cache.
+
+`load_format: dummy` builds seeded random weights from config.json, as vLLM's `--load-format dummy`, so
+performance is measured without downloading weights. Unlike vLLM's tiny uniform init (or transformers'
+std 0.02), every matrix (linear and embedding) is drawn from N(0, std) with std = DUMMY_WEIGHT_GAIN /
+sqrt(fan_in) (gain 1.5: std 0.066 for llama-57m's hidden-input matrices, 0.038 for its down_proj, 0.19
+for llama-tiny). At small or fixed scales greedy decoding collapses onto one repeated token (a fixed std
+of 0.05 did so on llama-tiny after ~10 tokens), and equality tests (paged vs reference attention, TP vs
+one rank) would then pass for almost any bug; with this gain 32-64 greedy tokens are nearly all distinct
+on both shipped models. Norm weights stay 1 and biases 0. Weights are drawn on the CPU in float32 from a
+generator seeded by `model.seed`, then cast and moved, so the same seed gives the same model on every
+process, device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from serving.config import ConfigError, DeploymentConfig, DType, ModelConfig
+from serving.engine.quantization import apply_quantization
+
+DUMMY_WEIGHT_GAIN = 1.5
+"""Dummy matrices have std gain / sqrt(fan_in): large enough that greedy outputs vary from token to token."""
+
+TORCH_DTYPES: dict[DType, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
+    """`auto` is CUDA when present, else the CPU; an explicit `cuda` without CUDA is a config error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but torch sees no CUDA device: use device=cpu or device=auto")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is invalid: choose 'auto', 'cpu' or 'cuda'")
+    return torch.device(device)
+
+
+def resolve_model_dir(path: str, field: str = "model.path") -> Path:
+    """A local/shipped directory, or the cached snapshot of a hub id; never goes to the network."""
+    local = ModelConfig(path=path).resolve_path()
+    if local is not None:
+        return local
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # a filesystem path, not `org/name`
+        raise ConfigError(f"{field}={path!r}: no such directory; point it at a local Hugging Face model dir")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as err:
+        raise ConfigError(
+            f"{field}={path!r} is neither a local directory, a shipped model (llama-57m, llama-tiny) nor a "
+            "hub id in the local Hugging Face cache (this machine does not download). Fix: run "
+            f"`huggingface-cli download {path}` on a machine with internet and copy the cache "
+            f"(HF_HOME), or set {field} to a local directory. ({type(err).__name__})"
+        ) from None
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of `model.tokenizer`, else of the model directory (offline)."""
+    field = "model.tokenizer" if model.tokenizer else "model.path"
+    directory = resolve_model_dir(model.tokenizer or model.path, field)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{field}={directory}: cannot load a tokenizer there: {err}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ConfigError(
+            f"{field}={directory}: got {type(tokenizer).__name__}, the engine needs a fast tokenizer "
+            "(tokenizer.json)"
+        )
+    return tokenizer
+
+
+def load_model(config: DeploymentConfig, attn_implementation: str, device: torch.device) -> PreTrainedModel:
+    """The causal LM in eval mode on `device`, in `precision.dtype`, quantised per precision.quantization."""
+    model_cfg = config.model
+    directory = resolve_model_dir(model_cfg.path)
+    hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    check_max_model_len(model_cfg, hf_config)
+    dtype = TORCH_DTYPES[config.precision.dtype]
+    if model_cfg.load_format == "dummy":
+        model = build_dummy_model(hf_config, attn_implementation, model_cfg.seed)
+        nn.Module.to(model, dtype=dtype)
+    else:
+        _require_weights(directory)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+    model.requires_grad_(False)
+    model.eval()
+    nn.Module.to(model, device=device)
+    return apply_quantization(model, config.precision, device)
+
+
+def build_dummy_model(hf_config: PretrainedConfig, attn_implementation: str, seed: int) -> PreTrainedModel:
+    """float32 CPU model, weights drawn by init_dummy_weights from a generator seeded with `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    init_dummy_weights(model, seed)
+    return model
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Matrices ~ N(0, gain / sqrt(fan_in)), 1-D norm weights 1, biases 0, in parameter-name order."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.dim() >= 2:
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(
+                0.0, DUMMY_WEIGHT_GAIN / math.sqrt(param.shape[1]), generator=generator
+            )
+            param.copy_(values)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.fill_(1.0)
+
+
+def check_max_model_len(model: ModelConfig, hf_config: PretrainedConfig) -> None:
+    """The model's position table bounds model.max_model_len."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and model.max_model_len > limit:
+        raise ConfigError(
+            f"model.max_model_len={model.max_model_len} exceeds the model's max_position_embeddings={limit}: "
+            f"use model.max_model_len <= {limit}"
+        )
+
+
+def _require_weights(directory: Path) -> None:
+    if not any(next(directory.glob(pattern), None) for pattern in _WEIGHT_FILES):
+        raise ConfigError(
+            f"model.load_format='auto' but {directory} holds no weight files (*.safetensors/*.bin): "
+            "use model.load_format=dummy or point model.path at a directory with weights"
+        )

@@ -1,0 +1,134 @@
+"""Runs one scheduled step: owns the KV-cache tensors, makes one batched forward pass, samples tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from serving.config import AttentionBackend
+from serving.engine.attention import METADATA_KWARG
+from serving.engine.attention_metadata import build_metadata
+from serving.engine.scheduler import ScheduledSequence, SchedulerOutput
+
+
+def kv_cache_layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads on this rank, head dim), read from the attention modules' shapes, not the config.
+
+    A tensor-parallel rank holds only part of k_proj, so its head count is k_proj's outputs / head_dim.
+    """
+    layers: list[Any] = [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "layer_idx")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no attention modules with k_proj/layer_idx")
+    head_dim = int(layers[0].head_dim)
+    k_proj = layers[0].k_proj
+    out_features = getattr(k_proj, "out_features", None)
+    if not isinstance(out_features, int):
+        out_features = int(k_proj.weight.shape[0])
+    return len(layers), out_features // head_dim, head_dim
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Activation dtype (the embedding's: quantised linears may hold int8 weights)."""
+    embeddings: Any = model.get_input_embeddings()  # type: ignore[operator]
+    dtype: torch.dtype = embeddings.weight.dtype
+    return dtype
+
+
+class ModelRunner:
+    """One forward per step over all scheduled tokens (flattened, prefill and decode mixed), then sampling."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        attention: AttentionBackend,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.attention = attention
+        self.block_size = block_size
+        self.device = device
+        num_layers, num_kv_heads, head_dim = kv_cache_layout(model)
+        dtype = model_dtype(model)
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        # Zeroed, not empty: masked padding positions must hold finite values (0 * NaN is NaN).
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
+        self._generators: dict[str, torch.Generator] = {}
+        self._default_generator = torch.Generator(device=device)
+        self._default_generator.seed()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        """Compute the step; return one sampled token per sampling row, in the scheduler's row order."""
+        order = sorted(range(len(out.scheduled)), key=lambda i: out.scheduled[i].num_tokens != 1)
+        rows = [out.scheduled[i] for i in order]
+        num_decode = sum(r.num_tokens == 1 for r in rows)
+        input_ids: list[int] = []
+        keep: list[int] = []
+        for row in rows:
+            input_ids.extend(row.seq.token_ids[row.start : row.start + row.num_tokens])
+            if row.sample:
+                keep.append(len(input_ids) - 1)
+        meta = build_metadata(
+            self.attention,
+            self.kv_caches,
+            self.block_size,
+            starts=[r.start for r in rows],
+            query_lens=[r.num_tokens for r in rows],
+            block_tables=[r.seq.block_table for r in rows],
+            num_decode=num_decode,
+            device=self.device,
+        )
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        logits_to_keep = torch.tensor(keep, dtype=torch.long, device=self.device)
+        logits = self.model(
+            input_ids=ids,
+            position_ids=meta.positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
+            **{METADATA_KWARG: meta},
+        ).logits[0]
+        sampling_rows = [r for r in rows if r.sample]
+        tokens = self._sample(logits, sampling_rows)
+        by_seq = {id(r.seq): t for r, t in zip(sampling_rows, tokens, strict=True)}
+        return [by_seq[id(r.seq)] for r in out.scheduled if r.sample]
+
+    def _sample(self, logits: torch.Tensor, rows: list[ScheduledSequence]) -> list[int]:
+        """Greedy at temperature 0; else temperature and top_p with the request's own generator."""
+        tokens: list[int] = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            params = row.seq.params
+            if params.greedy:
+                continue
+            scaled = logits[i].float() / params.temperature
+            probs = torch.softmax(scaled, dim=-1)
+            if params.top_p < 1.0:
+                sorted_probs, sorted_ids = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+                sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+                choice = torch.multinomial(sorted_probs, 1, generator=self._generator(row))
+                tokens[i] = int(sorted_ids[choice])
+            else:
+                tokens[i] = int(torch.multinomial(probs, 1, generator=self._generator(row)))
+        return tokens
+
+    def _generator(self, row: ScheduledSequence) -> torch.Generator:
+        seed = row.seq.params.seed
+        if seed is None:
+            return self._default_generator
+        gen = self._generators.get(row.seq.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self._generators[row.seq.request_id] = gen
+        return gen
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished or aborted request's generator."""
+        self._generators.pop(request_id, None)

@@ -1,0 +1,35 @@
+"""Per-request sampling settings, checked when the request arrives so the step loop never sees bad values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_tokens: int
+    """Most tokens to generate (the output may stop earlier on eos, a stop id or max_model_len)."""
+    temperature: float = 1.0
+    """0 means greedy; otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    seed: int | None = None
+    """Seed of this request's own generator, so a seeded request repeats whatever else runs."""
+    ignore_eos: bool = False
+    """Keep generating past eos (benchmarks force output lengths with it)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end the request (finish_reason "stop")."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} is invalid: use at least 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: use >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is invalid: use a value in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,235 @@
+"""OpenAI-compatible request bodies, checked before anything reaches the engine.
+
+Unknown fields are rejected by name (`extra="forbid"`). Well-known OpenAI/vLLM fields this server
+does not implement are accepted only at their neutral value (`repetition_penalty: 1.0`,
+`logprobs: null`, ...), because benchmark clients send them; any other value is a 400 naming the
+field, never a silently different sampling. Metadata fields (`user`, `metadata`, `store`,
+`service_tier`, `parallel_tool_calls`) are accepted and ignored because they change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.server.errors import APIError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    """Send a last chunk with `choices: []` and the request's usage (OpenAI semantics)."""
+    continuous_usage_stats: bool = False
+    """vLLM extension: usage in every chunk."""
+
+
+class _GenerationRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    """Must equal the served model name when given."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Output tokens; defaults to what is left of max_model_len after the prompt."""
+    temperature: float | None = Field(default=None, ge=0.0)
+    """Default 1.0; 0 means greedy."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Default 1.0."""
+    seed: int | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    """Stop strings: the output ends before the first occurrence (finish_reason `stop`)."""
+    stop_token_ids: list[int] | None = None
+    """vLLM extension: token ids that end the output."""
+    include_stop_str_in_output: bool = False
+    """vLLM extension: keep the matched stop string in the text."""
+    ignore_eos: bool = False
+    """vLLM extension: keep generating past EOS (benchmarks force output lengths with it)."""
+    priority: int = 0
+    """Extension: lower is served first when the scheduler's queue_order is `priority`."""
+    # metadata: accepted, changes nothing
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # well-known sampling fields: only their neutral value is accepted
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = 1.0
+    top_k: int | None = None
+    min_p: float | None = 0.0
+    min_tokens: int | None = 0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    use_beam_search: bool | None = False
+    length_penalty: float | None = 1.0
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    truncate_prompt_tokens: int | None = None
+    echo: bool | None = False
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "n": (None, 1),
+        "presence_penalty": (None, 0.0),
+        "frequency_penalty": (None, 0.0),
+        "repetition_penalty": (None, 1.0),
+        "top_k": (None, -1, 0),
+        "min_p": (None, 0.0),
+        "min_tokens": (None, 0),
+        "logit_bias": (None, {}),
+        "best_of": (None, 1),
+        "use_beam_search": (None, False),
+        "length_penalty": (None, 1.0),
+        "skip_special_tokens": (None, True),
+        "spaces_between_special_tokens": (None, True),
+        "truncate_prompt_tokens": (None,),
+        "echo": (None, False),
+    }
+    """Fields accepted only at these values: anything else would be silently ignored, so it is refused."""
+
+    def check_supported(self) -> None:
+        """Refuse a non-neutral value of a field this server does not implement, naming the field."""
+        for name, allowed in self.NEUTRAL.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                shown = " or ".join(map(_json_repr, allowed))
+                raise APIError(
+                    f"{name}={_json_repr(value)} is not supported by this server; omit it or send {shown}",
+                    param=name,
+                    code="unsupported_value",
+                )
+        for i, stop in enumerate(self.stop_strings):
+            if not stop:
+                raise APIError(f"stop[{i}] is empty; remove it", param="stop", code="invalid_value")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions. One prompt per request: text, token ids, or a one-element list of either."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    add_special_tokens: bool = True
+    """vLLM extension: add BOS when tokenising a text prompt."""
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_GenerationRequest.NEUTRAL,
+        "logprobs": (None,),
+        "suffix": (None, ""),
+    }
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt in this request; batched prompts are refused by name."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise APIError(
+                    f"prompt holds {len(prompt)} prompts; this server takes one prompt per request",
+                    param="prompt",
+                    code="unsupported_value",
+                )
+            only = prompt[0]
+            assert isinstance(only, str | list)  # pydantic checked the element types
+            return only
+        assert isinstance(prompt, str | list)
+        return prompt  # type: ignore[return-value]
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    """Only text parts: this server serves text models."""
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if isinstance(self.content, list):
+            message["content"] = [part.model_dump() for part in self.content]
+        elif self.content is None:
+            message["content"] = ""
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions: the tokenizer's chat template turns messages into the prompt."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """Takes precedence over max_tokens (as in OpenAI's API)."""
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    continue_final_message: bool | None = False
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_GenerationRequest.NEUTRAL,
+        "logprobs": (None, False),
+        "top_logprobs": (None, 0),
+        "tools": (None, []),
+        "tool_choice": (None, "none", "auto"),
+        "response_format": (None, {"type": "text"}),
+        "continue_final_message": (None, False),
+    }
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize: exactly the tokens a completion or chat request with this input would use."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    """For `prompt`: add BOS as /v1/completions does."""
+    add_generation_prompt: bool = True
+    """For `messages`: as /v1/chat/completions does."""
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def _json_repr(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)

@@ -1,0 +1,155 @@
+"""Response bodies and SSE framing in the shapes OpenAI and vLLM send.
+
+Streams: one `data: {...}\\n\\n` per token, then (with stream_options.include_usage) a chunk with
+`choices: []` and the usage, then `data: [DONE]`. With include_usage every other chunk carries
+`"usage": null`, as OpenAI documents. Chat puts `role` into the first token's delta rather than a
+token-less chunk of its own, so the number of chunks with choices equals the number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.server.errors import APIError
+from serving.server.generation import Completion, TokenEvent
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_output_tokens,
+        "total_tokens": num_prompt_tokens + num_output_tokens,
+    }
+
+
+@dataclass
+class ResponseIds:
+    """Identity shared by every chunk of one response."""
+
+    prefix: str
+    model: str
+    id: str = field(default="")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+
+
+# --- /v1/completions ---------------------------------------------------------------------------
+
+
+def completion_chunk(ids: ResponseIds, event: TokenEvent, *, with_usage: bool, continuous: bool) -> str:
+    choice = {
+        "index": 0,
+        "text": event.text,
+        "logprobs": None,
+        "finish_reason": event.finish_reason,
+        "stop_reason": event.stop_reason,
+    }
+    return sse(_chunk(ids, "text_completion", choice, event, with_usage, continuous))
+
+
+def completion_body(ids: ResponseIds, done: Completion) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "text": done.text,
+        "logprobs": None,
+        "finish_reason": done.finish_reason,
+        "stop_reason": done.stop_reason,
+    }
+    return {
+        "id": ids.id,
+        "object": "text_completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [choice],
+        "usage": usage(done.num_prompt_tokens, done.num_output_tokens),
+    }
+
+
+# --- /v1/chat/completions ----------------------------------------------------------------------
+
+
+def chat_chunk(
+    ids: ResponseIds, event: TokenEvent, *, first: bool, with_usage: bool, continuous: bool
+) -> str:
+    delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "logprobs": None,
+        "finish_reason": event.finish_reason,
+        "stop_reason": event.stop_reason,
+    }
+    return sse(_chunk(ids, "chat.completion.chunk", choice, event, with_usage, continuous))
+
+
+def chat_body(ids: ResponseIds, done: Completion) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": done.text},
+        "logprobs": None,
+        "finish_reason": done.finish_reason,
+        "stop_reason": done.stop_reason,
+    }
+    return {
+        "id": ids.id,
+        "object": "chat.completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [choice],
+        "usage": usage(done.num_prompt_tokens, done.num_output_tokens),
+    }
+
+
+def usage_chunk(ids: ResponseIds, obj: str, num_prompt_tokens: int, num_output_tokens: int) -> str:
+    """The last chunk under stream_options.include_usage: no choices, the request's usage."""
+    return sse(
+        {
+            "id": ids.id,
+            "object": obj,
+            "created": ids.created,
+            "model": ids.model,
+            "choices": [],
+            "usage": usage(num_prompt_tokens, num_output_tokens),
+        }
+    )
+
+
+def error_event(err: APIError) -> str:
+    """An error after the stream has begun (the 200 status line is already sent), as vLLM sends it."""
+    return sse(err.body())
+
+
+def _chunk(
+    ids: ResponseIds,
+    obj: str,
+    choice: dict[str, Any],
+    event: TokenEvent,
+    with_usage: bool,
+    continuous: bool,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": ids.id,
+        "object": obj,
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [choice],
+    }
+    if continuous:
+        chunk["usage"] = usage(event.num_prompt_tokens, event.num_output_tokens)
+    elif with_usage:
+        chunk["usage"] = None
+    return chunk

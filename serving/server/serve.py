@@ -1,0 +1,113 @@
+"""Run one deployment in this process: load the engine, serve HTTP, stop cleanly on SIGTERM/SIGINT.
+
+Order: load model (a stop signal during loading ends the process with 0 once loading returns) ->
+engine.start() -> uvicorn serves (it takes over SIGTERM/SIGINT and shuts down gracefully, letting
+in-flight requests finish for up to GRACEFUL_SHUTDOWN_S) -> engine.shutdown() -> exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+
+from serving.config import DeploymentConfig
+from serving.server.app import build_app
+from serving.server.engine_client import EngineClient
+
+GRACEFUL_SHUTDOWN_S = 5
+"""How long uvicorn waits for open responses before cancelling them (each cancel aborts its request)."""
+
+log = logging.getLogger("serving")
+
+
+class _StopSignal:
+    """Remembers a stop request and forwards it to uvicorn once it runs.
+
+    uvicorn re-raises the signal it caught after its graceful shutdown; with this handler installed
+    that re-raise is harmless, so the process exits with 0 instead of dying by the signal.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.server: uvicorn.Server | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self)
+
+
+def configure_logging(level: str) -> None:
+    """Our startup lines at INFO on stderr; uvicorn at the configured level."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def serve(config: DeploymentConfig) -> int:
+    """Serve `config` until a stop signal; returns the process exit code."""
+    stop = _StopSignal()
+    stop.install()
+    configure_logging(config.server.log_level)
+    from serving.engine.async_engine import AsyncEngine  # torch import: only when really serving
+
+    log.info("loading model %s (backend builtin, device %s)", config.model.path, config.device)
+    engine = AsyncEngine.from_config(config)
+    if stop.requested:
+        log.info("stop requested during loading; exiting")
+        return 0
+    return _run(engine, config, stop)
+
+
+def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal) -> int:
+    uv_config = uvicorn.Config(
+        build_app(engine),
+        host=config.server.host,
+        port=config.server.port,
+        log_level=config.server.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        lifespan="off",
+        access_log=False,
+    )
+    server = uvicorn.Server(uv_config)
+    stop.server = server
+    loop_factory = uv_config.get_loop_factory()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(engine, server, stop))
+    return 0
+
+
+async def _serve(engine: EngineClient, server: uvicorn.Server, stop: _StopSignal) -> None:
+    await engine.start()
+    try:
+        if stop.requested:
+            return
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            _announce(server, engine.model_name)
+        await task
+    finally:
+        await engine.shutdown()
+        log.info("engine shut down")
+
+
+def _announce(server: uvicorn.Server, model_name: str) -> None:
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    url = f"http://{host}:{port}"
+    log.info("ready: serving %s at %s", model_name, url)
+    print(f"serving {model_name} at {url}", flush=True)

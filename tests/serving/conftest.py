@@ -1,0 +1,72 @@
+"""Real servers for tests: `serving serve` with llama-tiny in its own process group on a free port.
+
+Fixtures other test files may use:
+  tiny_config    a DeploymentConfig for llama-tiny (small context and KV budget, free port)
+  tiny_server    one healthy ServerProcess per test module (stopped at the module's end)
+  start_server   a factory: start_server(**dotted_overrides) -> healthy ServerProcess, stopped after the test
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.config import DeploymentConfig
+from serving.launch import ServerProcess
+
+STARTUP_TIMEOUT_S = 120.0
+"""Generous: the machine is shared, and importing torch plus building the model takes seconds."""
+
+TINY_OVERRIDES: dict[str, Any] = {
+    "model.path": "llama-tiny",
+    "model.max_model_len": 512,
+    "scheduler.max_num_seqs": 64,
+    "scheduler.max_num_batched_tokens": 2048,
+    "cache.kv_cache_memory_gb": 0.05,
+    "server.port": 0,
+}
+
+
+def tiny_deployment(**overrides: Any) -> DeploymentConfig:
+    return DeploymentConfig().replace(**{**TINY_OVERRIDES, **overrides})
+
+
+def start_healthy(config: DeploymentConfig, log_path: Path) -> ServerProcess:
+    server = ServerProcess(config, log_path=log_path)
+    server.start()
+    server.wait_healthy(STARTUP_TIMEOUT_S)
+    return server
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> DeploymentConfig:
+    return tiny_deployment()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(
+    tiny_config: DeploymentConfig, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    log_path = tmp_path_factory.mktemp("tiny-server") / "server.log"
+    server = start_healthy(tiny_config, log_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(**overrides: Any) -> ServerProcess:
+        server = start_healthy(tiny_deployment(**overrides), tmp_path / f"server-{len(started)}.log")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

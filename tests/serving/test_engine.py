@@ -1,0 +1,173 @@
+"""LLMEngine on the real tiny model: greedy tokens equal transformers' generate for every policy x backend."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+from serving.config import ConfigError, DeploymentConfig
+from serving.engine.attention import attn_implementation_name
+from serving.engine.llm_engine import LLMEngine, eos_token_ids
+from serving.engine.model_loader import load_model
+from serving.engine.sampling_params import SamplingParams
+
+PROMPT_LENS = (1, 5, 17, 33, 64, 9)
+MAX_TOKENS = 10
+VOCAB = 32000
+
+
+def deployment(**flat: Any) -> DeploymentConfig:
+    base = {"model.path": "llama-tiny", "model.max_model_len": 128, "cache.block_size": 8, "device": "cpu"}
+    return DeploymentConfig.from_flat({**base, **flat})
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return load_model(deployment(), attn_implementation_name("paged"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, VOCAB - 100, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> torch.nn.Module:
+    """The same seeded weights under transformers' own sdpa attention."""
+    return load_model(deployment(), "sdpa", torch.device("cpu"))
+
+
+def hf_generate(hf_model: torch.nn.Module, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = hf_model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False)  # type: ignore[operator]
+            out.append(ids[0, len(p) :].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model: torch.nn.Module, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' generate (DynamicCache, greedy, stops on eos like the engine) per prompt."""
+    out = hf_generate(hf_model, prompts, MAX_TOKENS)
+    assert len({tuple(o) for o in out}) == len(out), "weights too weak: outputs repeat"
+    assert any(len(set(o)) > 3 for o in out), "weights too weak: greedy output repeats one token"
+    return out
+
+
+def engine(model: torch.nn.Module, flat: dict[str, Any] | None = None, num_blocks: int = 64) -> LLMEngine:
+    eos = eos_token_ids(model, None)
+    return LLMEngine(deployment(**(flat or {})), model, eos_token_ids=eos, num_blocks=num_blocks)
+
+
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+
+
+@pytest.mark.parametrize(
+    ("policy", "attention"),
+    list(itertools.product(["request", "static", "continuous"], ["eager", "sdpa", "paged"])),
+)
+def test_greedy_tokens_equal_generate(
+    model: torch.nn.Module, prompts: list[list[int]], reference: list[list[int]], policy: str, attention: str
+) -> None:
+    eng = engine(model, {"scheduler.policy": policy, "attention": attention, "scheduler.batch_wait_ms": 0})
+    assert eng.generate(prompts, GREEDY) == reference
+    assert eng.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "paged"])
+def test_preemption_under_a_tiny_block_budget_gives_the_same_tokens(
+    model: torch.nn.Module, hf_model: torch.nn.Module, prompts: list[list[int]], attention: str
+) -> None:
+    chosen = prompts[1:4]  # 55 prompt tokens + 3 x 30 output > 128 cached tokens
+    eng = engine(model, {"attention": attention}, num_blocks=16)  # 128 tokens: one max_model_len request
+    assert eng.generate(chosen, SamplingParams(max_tokens=30, temperature=0)) == hf_generate(
+        hf_model, chosen, 30
+    )
+    stats = eng.stats()
+    assert stats.num_preemptions > 0 and stats.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("attention", ["eager", "paged"])
+def test_chunked_prefill_gives_the_same_tokens(
+    model: torch.nn.Module, prompts: list[list[int]], reference: list[list[int]], attention: str
+) -> None:
+    flat: dict[str, Any] = {
+        "scheduler.chunked_prefill": True,
+        "scheduler.max_num_batched_tokens": 16,
+        "attention": attention,
+    }
+    flat["scheduler.max_num_seqs"] = 8
+    eng = engine(model, flat)
+    assert eng.generate(prompts, GREEDY) == reference
+    assert eng.stats().kv_blocks_used == 0
+
+
+def test_queue_orders_and_small_batches_give_the_same_tokens(
+    model: torch.nn.Module, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    for order in ("priority", "sjf"):
+        eng = engine(model, {"scheduler.queue_order": order, "scheduler.max_num_seqs": 2})
+        assert eng.generate(prompts, GREEDY) == reference
+
+
+def test_seeded_sampling_repeats_whatever_else_runs(model: torch.nn.Module, prompts: list[list[int]]) -> None:
+    seeded = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9, seed=7)
+    alone = engine(model).generate([prompts[2]], seeded)[0]
+    crowded = engine(model).generate([prompts[0], prompts[2], prompts[3]], [GREEDY, seeded, GREEDY])[1]
+    assert alone == crowded
+    other = engine(model).generate([prompts[2]], SamplingParams(max_tokens=MAX_TOKENS, seed=8))[0]
+    assert other != alone
+    assert all(0 <= t < VOCAB for t in alone)
+
+
+def test_top_p_near_zero_is_greedy(
+    model: torch.nn.Module, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    narrow = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, top_p=1e-6)
+    assert engine(model).generate(prompts, narrow) == reference
+
+
+def test_outputs_never_pass_max_model_len(model: torch.nn.Module, prompts: list[list[int]]) -> None:
+    eng = engine(model, {"model.max_model_len": 70})
+    long = SamplingParams(max_tokens=50, ignore_eos=True)
+    outs = eng.generate([prompts[4], prompts[1]], long)
+    assert [len(o) for o in outs] == [70 - 64, 50]
+
+
+def test_bad_requests_are_refused_up_front(model: torch.nn.Module) -> None:
+    eng = engine(model)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request("a", [], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len=128"):
+        eng.add_request("b", [1] * 128, GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.add_request("c", [1, VOCAB], GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    assert not eng.has_unfinished()
+
+
+def test_kv_budget_below_one_request_is_a_config_error(model: torch.nn.Module) -> None:
+    with pytest.raises(ConfigError, match=r"cache\.kv_cache_memory_gb"):
+        LLMEngine(deployment(**{"cache.kv_cache_memory_gb": 1e-6}), model)
+    sized = LLMEngine(deployment(**{"cache.kv_cache_memory_gb": 0.01}), model)
+    # llama-tiny: 2 x 2 layers x 2 KV heads x 16 head dim x 4 bytes = 512 bytes per token.
+    assert sized.num_blocks == int(0.01 * 1024**3) // (8 * 512)
+
+
+def test_abort_frees_blocks(model: torch.nn.Module, prompts: list[list[int]]) -> None:
+    eng = engine(model)
+    eng.add_request("x", prompts[4], SamplingParams(max_tokens=50))
+    eng.add_request("y", prompts[3], SamplingParams(max_tokens=50))
+    eng.step()
+    assert eng.stats().kv_blocks_used > 0
+    final = eng.abort("x")
+    assert final is not None and final.finish_reason == "abort" and final.finished
+    assert eng.abort("x") is None
+    eng.abort("y")
+    assert eng.stats().kv_blocks_used == 0 and not eng.has_unfinished()
