@@ -3,6 +3,7 @@ model geometry, devices, storage and directories; plus the pre-launch check ever
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,12 @@ class StudyContext:
         from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 
         s = self.settings
+        workload = WorkloadConfig.from_config(s.workload)
+        local = self.base.model.resolve_path()
+        if workload.tokenizer is None and local is not None:  # the client tokenises as the server does
+            workload = dataclasses.replace(workload, tokenizer=str(self.base.model.tokenizer or local))
         return Traffic(
-            workload=WorkloadConfig.from_config(s.workload),
+            workload=workload,
             arrival=ArrivalConfig.from_config(s.arrival),
             slo=SLOConfig.from_config(s.slo) if s.slo else None,
             client=ClientConfig.from_config(s.client or None),

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 
 
 def _short(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items()) or "base config"
+    return ", ".join(f"{k.split('.')[-1]}={_num(v)}" for k, v in params.items()) or "base config"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _duration(seconds: float | None) -> str:

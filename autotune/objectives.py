@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 from autotune.settings import ObjectivesSettings
 
-_LATENCY = re.compile(r"^(mean|median|std|p\d+(\.\d+)?)_(ttft|tpot|itl|e2el|schedule_lag|client_queue_time)_ms$")
+_LATENCY = re.compile(
+    r"^(mean|median|std|p\d+(\.\d+)?)_(ttft|tpot|itl|e2el|schedule_lag|client_queue_time)_ms$"
+)
 _NAMED = {
     "completed",
     "failed",

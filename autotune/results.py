@@ -54,7 +54,11 @@ class TrialRecord:
     @property
     def label(self) -> str:
         """The sampled values in a short form for tables and plots."""
-        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.params.items())
+        return ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in self.params.items())
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def record_of(trial: FrozenTrial) -> TrialRecord:

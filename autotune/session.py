@@ -81,6 +81,7 @@ def finish(
         context=context_table(ctx),
         best_path=best_path,
     )
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
     config_path = ctx.run_dir / "config.yaml"
     config_path.write_text(session.resolved_yaml)
     finalize = getattr(tracker, "finalize", None)

@@ -155,7 +155,7 @@ class StudyLoop:
         try:
             config = self.ctx.space.deployment(self.ctx.base, params)
         except ConfigError as err:
-            self._prune(trial, f"invalid combination: {err}", {})
+            self._prune(trial, f"invalid combination: {err}")
             return False
         key = config_key(config)
         trial.set_user_attr(R.CONFIG_KEY, key)
@@ -166,12 +166,12 @@ class StudyLoop:
             return False
         reason, _plan = self.ctx.check(config)
         if reason:
-            self._prune(trial, reason, config.to_flat())
+            self._prune(trial, reason)
             return False
         self._measure(trial, config, params)
         return True
 
-    def _prune(self, trial: optuna.Trial, reason: str, flat: dict[str, Any]) -> None:
+    def _prune(self, trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr(R.REASON, reason)
         self.study.tell(trial, state=TrialState.PRUNED)
         self._finished(trial.number, None)

@@ -111,6 +111,10 @@ def run_trial(
     if reason is not None and code not in (None, 0) and "exited" not in reason:
         reason += f" (server exit code {code}{_signal_hint(code)})"
     ok = reason is None
+    if not ok and log_path.exists():
+        last = _last_log_line(log_path)
+        if last and last not in (reason or ""):
+            reason = f"{reason}; server log ends: {last}"
     return TrialOutcome(
         ok=ok,
         metrics=metrics,
@@ -121,6 +125,15 @@ def run_trial(
         duration_s=time.monotonic() - started,
         log_tail="" if ok else log_tail(log_path),
     )
+
+
+def _last_log_line(path: Path) -> str:
+    """The last line of the server log that is not a warning from a library: usually the error."""
+    lines = [line.strip() for line in log_tail(path, 40).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("W1", "W0", "Warning", "warnings.warn")):
+            return line[:300]
+    return ""
 
 
 def _benchmark(

@@ -26,7 +26,9 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int) -> list[flo
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"b{batch}-{i}", torch.randint(0, 30000, (context,), generator=gen).tolist(), params)
+        engine.add_request(
+            f"b{batch}-{i}", torch.randint(0, 30000, (context,), generator=gen).tolist(), params
+        )
     while engine.scheduler.waiting or any(s.num_computed_tokens == 0 for s in engine.scheduler.running):
         engine.step()
     for _ in range(3):  # warm-up decodes
@@ -42,7 +44,9 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int) -> list[flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="llama-57m")
     parser.add_argument("--attention", nargs="+", default=["eager", "sdpa", "paged"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
@@ -67,7 +71,9 @@ def main() -> None:
             for batch in args.batch:
                 times = sorted(measure(engine, batch, args.context, args.steps))
                 p10, p90 = times[len(times) // 10], times[(len(times) * 9) // 10]
-                print(f"{quant:<14}{attention:<10}{batch:>6}{statistics.median(times):>11.2f}{p10:>8.2f}{p90:>8.2f}")
+                print(
+                    f"{quant:<14}{attention:<10}{batch:>6}{statistics.median(times):>11.2f}{p10:>8.2f}{p90:>8.2f}"
+                )
 
 
 if __name__ == "__main__":

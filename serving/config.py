@@ -23,9 +23,7 @@ SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
 Backend = Literal["builtin", "vllm", "sglang"]
 LoadFormat = Literal["auto", "dummy"]
 DType = Literal["float32", "bfloat16", "float16"]
-Quantization = Literal[
-    "none", "int8_dynamic", "int8_weight_only", "int4_weight_only", "bnb_int8", "bnb_nf4"
-]
+Quantization = Literal["none", "int8_dynamic", "int8_weight_only", "int4_weight_only", "bnb_int8", "bnb_nf4"]
 AttentionBackend = Literal["eager", "sdpa", "paged"]
 SchedulingPolicy = Literal["request", "static", "continuous"]
 QueueOrder = Literal["fcfs", "priority", "sjf"]
@@ -135,7 +133,10 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.block_size in (8, 16, 32, 64, 128), "cache.block_size", self.block_size, "use 8-128, power of 2"
+            self.block_size in (8, 16, 32, 64, 128),
+            "cache.block_size",
+            self.block_size,
+            "use 8-128, power of 2",
         )
         _require(self.kv_cache_memory_gb > 0, "cache.kv_cache_memory_gb", self.kv_cache_memory_gb, "use > 0")
 

@@ -41,7 +41,7 @@ def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> DictCon
     """conf/bench.yaml with the overrides applied; unknown top-level keys are rejected by name."""
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
         cfg = compose(config_name="bench", overrides=overrides)
-    unknown = sorted({str(k) for k in cfg.keys()} - TOP_LEVEL_KEYS)
+    unknown = sorted({str(k) for k in cfg} - TOP_LEVEL_KEYS)
     if unknown:
         raise ValueError(
             f"conf/bench.yaml: unknown key(s) {unknown}; known keys are {sorted(TOP_LEVEL_KEYS)}"

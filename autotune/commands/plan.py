@@ -34,7 +34,7 @@ def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
     try:
         study = optuna.load_study(study_name=ctx.name, storage=ctx.storage_url)
         durations = [r.duration_s for r in load_records(study) if r.measured and r.duration_s]
-    except (KeyError, Exception):  # no study yet (or no storage): estimate from the traffic
+    except Exception:  # no study yet (KeyError) or no storage yet: estimate from the traffic
         durations = []
     if durations:
         return sum(durations) / len(durations), f"mean of {len(durations)} measured trial(s)"

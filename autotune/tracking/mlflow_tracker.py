@@ -48,9 +48,10 @@ def _artifact_root(uri: str, settings: TrackingSettings) -> str | None:
 
 class MlflowTracker(StudyObserver):
     def __init__(self, settings: TrackingSettings, *, study_name: str, resolved_config: str) -> None:
-        for name in ("alembic", "mlflow"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
+
+        for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri = resolve_uri(settings)
         self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
@@ -103,7 +104,7 @@ class MlflowTracker(StudyObserver):
         self._log_text(parent, self.resolved_config, "config.yaml")
         self.logged = self._logged_trials()
         for record in records:  # trials of an earlier, interrupted run not logged yet
-            if record.state != "RUNNING" and record.number not in self.logged:
+            if record.state in ("COMPLETE", "FAIL", "PRUNED") and record.number not in self.logged:
                 self.trial_finished(record, None)
 
     # --- per trial -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from autotune.traffic.align import AlignmentReport, align_with_server
 from autotune.traffic.arrivals import arrival_times
-from autotune.traffic.client import make_http_client, new_record, send_request
+from autotune.traffic.client import HttpClient, make_http_client, new_record, send_request
 from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.display import make_progress, summary_table
 from autotune.traffic.metrics import failures_by_reason, summarize
@@ -86,7 +86,7 @@ async def discover_model(base_url: str) -> str:
 
 async def _send_one(
     plan: ClientPlan,
-    http: httpx.AsyncClient,
+    http: HttpClient,
     req: PreparedRequest,
     scheduled: float,
     origin: float,
@@ -112,7 +112,7 @@ async def _send_one(
 
 
 async def run_plan(
-    plan: ClientPlan, http: httpx.AsyncClient, origin: float | None, tick: Tick
+    plan: ClientPlan, http: HttpClient, origin: float | None, tick: Tick
 ) -> tuple[list[RequestRecord], float, float]:
     """Send the plan's requests (open loop on schedule, or closed loop); returns (records, origin, end).
 
@@ -146,7 +146,7 @@ async def run_plan(
     return records, origin, time.perf_counter()
 
 
-def http_client_for(plan: ClientPlan) -> httpx.AsyncClient:
+def http_client_for(plan: ClientPlan) -> HttpClient:
     return make_http_client(plan.client, plan.concurrency or min(len(plan.items), _MAX_OPEN_POOL))
 
 

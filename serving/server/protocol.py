@@ -9,7 +9,7 @@ field, never a silently different sampling. Metadata fields (`user`, `metadata`,
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -140,18 +140,17 @@ class CompletionRequest(_GenerationRequest):
     def single_prompt(self) -> str | list[int]:
         """The one prompt in this request; batched prompts are refused by name."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise APIError(
-                    f"prompt holds {len(prompt)} prompts; this server takes one prompt per request",
-                    param="prompt",
-                    code="unsupported_value",
-                )
-            only = prompt[0]
-            assert isinstance(only, str | list)  # pydantic checked the element types
-            return only
-        assert isinstance(prompt, str | list)
-        return prompt  # type: ignore[return-value]
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt or isinstance(prompt[0], int):
+            return cast(list[int], prompt)
+        if len(prompt) != 1:
+            raise APIError(
+                f"prompt holds {len(prompt)} prompts; this server takes one prompt per request",
+                param="prompt",
+                code="unsupported_value",
+            )
+        return cast(str | list[int], prompt[0])
 
 
 class ContentPart(_Strict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -84,7 +85,8 @@ def test_each_failure_kind_is_counted_and_excluded() -> None:
     assert all(r.error and r.ttft == 0.0 and not r.itl for r in result.records if not r.success)
 
 
-def test_unreachable_server_is_a_connect_error() -> None:
+@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
+def test_unreachable_server_is_a_connect_error(http: Literal["aiohttp", "httpx"]) -> None:
     import socket
 
     with socket.socket() as sock:  # a port nobody listens on
@@ -96,6 +98,7 @@ def test_unreachable_server_is_a_connect_error() -> None:
         "fake",
         workload,
         ArrivalConfig(kind="constant", rate=100, num_requests=3),
+        client=ClientConfig(http=http),
         progress=False,
     )
     assert result.failures_by_reason == {"connect_error": 3}

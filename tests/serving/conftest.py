@@ -1,9 +1,11 @@
 """Real servers for tests: `serving serve` with llama-tiny in its own process group on a free port.
 
 Fixtures other test files may use:
-  tiny_config    a DeploymentConfig for llama-tiny (small context and KV budget, free port)
-  tiny_server    one healthy ServerProcess per test module (stopped at the module's end)
-  start_server   a factory: start_server(**dotted_overrides) -> healthy ServerProcess, stopped after the test
+  tiny_config      a DeploymentConfig for llama-tiny (context 512, small KV budget, free port)
+  make_config      a factory: make_config(**{"dotted.key": value}) -> tiny_config with overrides
+  startup_timeout  seconds to allow a server to become healthy on a busy machine
+  tiny_server      one healthy ServerProcess per test module (stopped at the module's end)
+  start_server     a factory: start_server(**dotted_overrides) -> healthy ServerProcess (stopped after)
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def start_healthy(config: DeploymentConfig, log_path: Path) -> ServerProcess:
 @pytest.fixture(scope="session")
 def tiny_config() -> DeploymentConfig:
     return tiny_deployment()
+
+
+@pytest.fixture(scope="session")
+def make_config() -> Callable[..., DeploymentConfig]:
+    return tiny_deployment
+
+
+@pytest.fixture(scope="session")
+def startup_timeout() -> float:
+    return STARTUP_TIMEOUT_S
 
 
 @pytest.fixture(scope="module")

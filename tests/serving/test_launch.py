@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,6 @@ from serving.backends import get_backend
 from serving.backends.builtin import BuiltinBackend
 from serving.config import ConfigError, DeploymentConfig
 from serving.launch import ServerProcess, ServerStartError, free_port
-from tests.serving.conftest import STARTUP_TIMEOUT_S, tiny_deployment
 
 
 def group_members(pgid: int) -> list[int]:
@@ -28,15 +28,19 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def test_lifecycle_pinned_serving_then_sigterm_exits_0(tmp_path: Path) -> None:
+def test_lifecycle_pinned_serving_then_sigterm_exits_0(
+    tmp_path: Path, make_config: Callable[..., DeploymentConfig], startup_timeout: float
+) -> None:
     log_path = tmp_path / "logs" / "trial-1.log"
-    server = ServerProcess(tiny_deployment(), log_path=log_path, cpus=[0])
+    port = free_port()
+    config = make_config(**{"server.port": port})
+    server = ServerProcess(config, log_path=log_path, cpus=[0])
     with server:
-        server.wait_healthy(STARTUP_TIMEOUT_S)
+        server.wait_healthy(startup_timeout)
         assert server.pid is not None
         assert os.getpgid(server.pid) == server.pid  # its own process group
         assert psutil.Process(server.pid).cpu_affinity() == [0]
-        assert server.url.startswith("http://127.0.0.1:") and server.port != 0
+        assert server.url == f"http://127.0.0.1:{port}"
         reply = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
         assert reply.json()["usage"]["completion_tokens"] == 3
         pid = server.pid
@@ -45,15 +49,17 @@ def test_lifecycle_pinned_serving_then_sigterm_exits_0(tmp_path: Path) -> None:
     assert not group_members(pid)
     assert "ready: serving llama-tiny" in log_path.read_text()
     written = DeploymentConfig.from_yaml(log_path.with_name("trial-1.deploy.yaml"))
-    assert written == tiny_deployment()
+    assert written == config
     assert server.stop() == 0  # stopping again is harmless
 
 
-def test_sigterm_during_a_stream_still_exits_0(tmp_path: Path) -> None:
-    server = ServerProcess(tiny_deployment(), log_path=tmp_path / "server.log")
+def test_sigterm_during_a_stream_still_exits_0(
+    tmp_path: Path, make_config: Callable[..., DeploymentConfig], startup_timeout: float
+) -> None:
+    server = ServerProcess(make_config(), log_path=tmp_path / "server.log")
     server.start()
     try:
-        server.wait_healthy(STARTUP_TIMEOUT_S)
+        server.wait_healthy(startup_timeout)
         started = threading.Event()
         body = {"prompt": "go", "max_tokens": 450, "ignore_eos": True, "stream": True}
 
@@ -77,12 +83,14 @@ def test_sigterm_during_a_stream_still_exits_0(tmp_path: Path) -> None:
     assert not group_members(server.pid or -1)
 
 
-def test_early_exit_raises_with_the_log_tail(tmp_path: Path) -> None:
-    config = tiny_deployment(**{"model.path": "/nonexistent/model-dir"})
+def test_early_exit_raises_with_the_log_tail(
+    tmp_path: Path, make_config: Callable[..., DeploymentConfig], startup_timeout: float
+) -> None:
+    config = make_config(**{"model.path": "/nonexistent/model-dir"})
     server = ServerProcess(config, log_path=tmp_path / "server.log")
     server.start()
     with pytest.raises(ServerStartError) as info:
-        server.wait_healthy(STARTUP_TIMEOUT_S)
+        server.wait_healthy(startup_timeout)
     message = str(info.value)
     assert "exited with code 2" in message
     assert "model.path" in message  # the server's one-line config error is in the tail
@@ -90,8 +98,8 @@ def test_early_exit_raises_with_the_log_tail(tmp_path: Path) -> None:
     assert server.returncode == 2
 
 
-def test_time_out_stops_the_server(tmp_path: Path) -> None:
-    server = ServerProcess(tiny_deployment(), log_path=tmp_path / "server.log")
+def test_time_out_stops_the_server(tmp_path: Path, make_config: Callable[..., DeploymentConfig]) -> None:
+    server = ServerProcess(make_config(), log_path=tmp_path / "server.log")
     server.start()
     with pytest.raises(ServerStartError, match="not healthy"):
         server.wait_healthy(0.01)
@@ -99,19 +107,10 @@ def test_time_out_stops_the_server(tmp_path: Path) -> None:
     assert not group_members(server.pid or -1)
 
 
-def test_fixed_port_is_used(tmp_path: Path) -> None:
-    port = free_port()
-    config = tiny_deployment(**{"server.port": port})
-    with ServerProcess(config, log_path=tmp_path / "server.log") as server:
-        server.wait_healthy(STARTUP_TIMEOUT_S)
-        assert server.url == f"http://127.0.0.1:{port}"
-        assert httpx.get(server.url + "/health").status_code == 200
-
-
-def test_backends() -> None:
+def test_backends(make_config: Callable[..., DeploymentConfig]) -> None:
     backend = get_backend("builtin")
     assert isinstance(backend, BuiltinBackend) and backend.health_path == "/health"
-    config = tiny_deployment(**{"scheduler.max_num_seqs": 8})
+    config = make_config(**{"scheduler.max_num_seqs": 8})
     argv = backend.command(config, 1234)
     assert argv[1:4] == ["-m", "serving.cli", "serve"]
     assert "scheduler.max_num_seqs=8" in argv and argv[-2:] == ["--port", "1234"]
@@ -121,11 +120,11 @@ def test_backends() -> None:
         get_backend("tgi")
 
 
-def test_builtin_command_without_a_file_round_trips(tmp_path: Path) -> None:
+def test_builtin_command_without_a_file_round_trips(make_config: Callable[..., DeploymentConfig]) -> None:
     """The --set form of the command rebuilds the same config (checked through the CLI's resolver)."""
     from serving.cli import resolve_config
 
-    config = tiny_deployment(**{"model.served_model_name": "007", "scheduler.batch_wait_ms": 2.5})
+    config = make_config(**{"model.served_model_name": "007", "scheduler.batch_wait_ms": 2.5})
     argv = BuiltinBackend().command(config, 0)
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert resolve_config(None, sets, port=0) == config

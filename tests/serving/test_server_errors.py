@@ -111,7 +111,7 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_request_gets_openai_error_body(tiny_server: ServerProcess, case: tuple) -> None:  # type: ignore[type-arg]
+def test_bad_request_gets_openai_error_body(tiny_server: ServerProcess, case: tuple[Any, ...]) -> None:
     _, path, body, status, param, code = case
     reply = _post(tiny_server.url, path, body)
     assert reply.status_code == status, reply.text

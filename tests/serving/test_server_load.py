@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import time
+from typing import Any
 
 import httpx
 
@@ -39,7 +41,7 @@ async def wait_idle(client: httpx.AsyncClient, timeout_s: float = 30.0) -> str:
         await asyncio.sleep(0.1)
 
 
-async def stream_tokens(client: httpx.AsyncClient, body: dict) -> tuple[int, int, int, str]:  # type: ignore[type-arg]
+async def stream_tokens(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[int, int, int, str]:
     """(chunks with choices, usage prompt tokens, usage completion tokens, text) of one streamed request."""
     chunks, usage, text = 0, {}, ""
     async with client.stream("POST", "/v1/completions", json=body) as reply:
@@ -58,7 +60,7 @@ async def stream_tokens(client: httpx.AsyncClient, body: dict) -> tuple[int, int
 
 async def test_64_concurrent_streams_get_exactly_max_tokens(tiny_server: ServerProcess) -> None:
     rng = random.Random(0)
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {
             "model": MODEL,
             "prompt": [rng.randrange(100, 30000) for _ in range(rng.randrange(4, 200))],
@@ -84,7 +86,13 @@ async def test_64_concurrent_streams_get_exactly_max_tokens(tiny_server: ServerP
 
 
 async def test_client_disconnect_aborts_and_frees_blocks(tiny_server: ServerProcess) -> None:
-    body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Tell me everything",
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
     async with httpx.AsyncClient(base_url=tiny_server.url, timeout=60) as client:
         for _ in range(4):
             async with client.stream("POST", "/v1/completions", json=body) as reply:
@@ -96,10 +104,8 @@ async def test_client_disconnect_aborts_and_frees_blocks(tiny_server: ServerProc
         # non-streamed requests are aborted too when their client gives up
         with_timeout = httpx.AsyncClient(base_url=tiny_server.url, timeout=0.3)
         async with with_timeout:
-            try:
+            with contextlib.suppress(httpx.TimeoutException):
                 await with_timeout.post("/v1/completions", json={**body, "stream": False})
-            except httpx.TimeoutException:
-                pass
         metrics = await wait_idle(client)
         assert gauge(metrics, "serving_kv_cache_blocks_used") == 0
         assert gauge(metrics, "serving_num_requests_running") == 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from serving.launch import ServerProcess
 
@@ -19,9 +22,9 @@ def client(tiny_server: ServerProcess) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def http(tiny_server: ServerProcess) -> httpx.Client:
+def http(tiny_server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=tiny_server.url, timeout=60) as c:
-        yield c  # type: ignore[misc]
+        yield c
 
 
 def tokenized_len(http: httpx.Client, **body: object) -> int:
@@ -32,7 +35,7 @@ def tokenized_len(http: httpx.Client, **body: object) -> int:
     return int(data["count"])
 
 
-def sse_events(http: httpx.Client, path: str, body: dict) -> list[str]:  # type: ignore[type-arg]
+def sse_events(http: httpx.Client, path: str, body: dict[str, Any]) -> list[str]:
     """Raw `data:` payloads of a streamed response, checking the framing on the way."""
     with http.stream("POST", path, json=body) as reply:
         assert reply.status_code == 200
@@ -112,7 +115,7 @@ def test_streamed_completion_one_chunk_per_token_and_usage_last(
 
 
 def test_chat_streamed_and_not_with_exact_usage(client: openai.OpenAI, http: httpx.Client) -> None:
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Summarise the plot of Hamlet."},
     ]
@@ -121,7 +124,7 @@ def test_chat_streamed_and_not_with_exact_usage(client: openai.OpenAI, http: htt
         model=MODEL,
         messages=messages,
         max_completion_tokens=7,
-        extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True},
     )
     assert whole.object == "chat.completion"
     assert whole.choices[0].message.role == "assistant"
@@ -130,7 +133,7 @@ def test_chat_streamed_and_not_with_exact_usage(client: openai.OpenAI, http: htt
 
     stream = client.chat.completions.create(
         model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=6,
         stream=True,
         stream_options={"include_usage": True},

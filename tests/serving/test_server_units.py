@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from tokenizers import Tokenizer
 
 from serving.config import SHIPPED_MODELS_DIR
 from serving.server.detokenizer import IncrementalDetokenizer
@@ -18,16 +20,14 @@ from serving.server.stop_strings import StopStringMatcher
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # type: ignore[no-untyped-def]
-    from tokenizers import Tokenizer
-
+def tokenizer() -> Tokenizer:
     return Tokenizer.from_file(str(SHIPPED_MODELS_DIR / "llama-tiny" / "tokenizer.json"))
 
 
 # --- detokenizer --------------------------------------------------------------------------------
 
 
-def test_pieces_join_to_the_full_decode_and_never_split_a_character(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_pieces_join_to_the_full_decode_and_never_split_a_character(tokenizer: Tokenizer) -> None:
     prompt = tokenizer.encode("Say something:").ids
     output = tokenizer.encode(" héllo 日本語 🎉 and more", add_special_tokens=False).ids
     detok = IncrementalDetokenizer(tokenizer, prompt)
@@ -37,7 +37,7 @@ def test_pieces_join_to_the_full_decode_and_never_split_a_character(tokenizer) -
     assert "" in pieces  # the multi-token emoji and CJK characters were held back until complete
 
 
-def test_random_tokens_decode_as_a_whole(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_random_tokens_decode_as_a_whole(tokenizer: Tokenizer) -> None:
     rng = random.Random(0)
     prompt = tokenizer.encode("Hello").ids
     output = [rng.randrange(tokenizer.get_vocab_size()) for _ in range(500)]
@@ -48,7 +48,7 @@ def test_random_tokens_decode_as_a_whole(tokenizer) -> None:  # type: ignore[no-
     assert full[: len(full) - len(streamed)] == tokenizer.decode(prompt, skip_special_tokens=True)
 
 
-def test_first_output_token_keeps_its_leading_space(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_first_output_token_keeps_its_leading_space(tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hello").ids)
     (world,) = tokenizer.encode(" world", add_special_tokens=False).ids
     assert detok.step(world) == " world"
@@ -89,7 +89,7 @@ def test_earliest_stop_string_wins_and_text_without_match_is_all_flushed() -> No
 # --- request validation -------------------------------------------------------------------------
 
 
-def api_error(model: type, body: dict) -> APIError:  # type: ignore[type-arg]
+def api_error(model: type[CompletionRequest | ChatCompletionRequest], body: dict[str, Any]) -> APIError:
     try:
         req = model.model_validate_json(json.dumps(body))
     except ValidationError as err:
@@ -146,7 +146,7 @@ def test_vllm_benchmark_payloads_are_accepted() -> None:
         ({"max_tokens": 3}, "prompt", "missing_field"),
     ],
 )
-def test_bad_completion_fields_are_named(body: dict, param: str, code: str | None) -> None:  # type: ignore[type-arg]
+def test_bad_completion_fields_are_named(body: dict[str, Any], param: str, code: str | None) -> None:
     err = api_error(CompletionRequest, body)
     assert err.status == 400
     assert err.param == param

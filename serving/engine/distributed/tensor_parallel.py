@@ -1,0 +1,115 @@
+"""Tensor parallelism through DeepSpeed AutoTP, and the step broadcast from rank 0 to the other ranks.
+
+Rank 0 owns the scheduler and the KV block manager. Before each forward it sends the model's keyword
+arguments (token ids, positions, logits_to_keep and the attention metadata, whose tensors say where every
+token's K/V goes) to every other rank, pickled once; the other ranks run the same forward on their shard
+of each layer and DeepSpeed all-reduces the partial outputs (o_proj, down_proj, lm_head). Only rank 0
+samples. Each rank's KV cache holds its own KV heads (k_proj outputs / head_dim), so the KV memory of a
+replica is split across its ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from serving.engine.attention import METADATA_KWARG
+from serving.engine.distributed.process import Child
+
+DIST_TIMEOUT = timedelta(minutes=30)
+"""Collectives wait this long; a dead rank is caught by the watchdog long before."""
+
+
+def dist_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_tensor_parallel(device: torch.device) -> None:
+    """deepspeed.comm over the RANK/WORLD_SIZE/MASTER_* environment (set by placement.RankSpec.env)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist_backend(device), auto_mpi_discovery=False, timeout=DIST_TIMEOUT)
+
+
+def shard_model(model: torch.nn.Module, tp: int, dtype: torch.dtype) -> torch.nn.Module:
+    """AutoTP: split every nn.Linear of the transformers model across tp ranks (kernels not injected)."""
+    import deepspeed
+
+    engine = deepspeed.init_inference(
+        model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False
+    )
+    sharded: torch.nn.Module = engine.module
+    sharded.eval()
+    return sharded
+
+
+class AllReduceTimer:
+    """Wraps deepspeed.comm.inference_all_reduce to add up the time rank 0 spends in it (including any
+    wait for slower ranks): serving_tp_allreduce_seconds_total."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self._original: Callable[..., Any] | None = None
+
+    def install(self) -> None:
+        import deepspeed.comm as ds_comm
+
+        original = ds_comm.inference_all_reduce
+        self._original = original
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        ds_comm.inference_all_reduce = timed
+
+
+class StepBroadcaster:
+    """A forward pre-hook on rank 0's model: the forward's kwargs go to every other rank first."""
+
+    def __init__(self, followers: Sequence[Child]) -> None:
+        self.followers = list(followers)
+        self.seconds = 0.0
+        self.lock = threading.Lock()
+
+    def attach(self, model: torch.nn.Module) -> None:
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        self.send(("step", args, strip_caches(kwargs)))
+        self.seconds += time.perf_counter() - start
+
+    def send(self, message: object) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self.lock:
+            for child in self.followers:
+                child.send_bytes(data)
+
+
+def strip_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs without the KV-cache tensors (each rank has its own), ready to pickle."""
+    meta = kwargs.get(METADATA_KWARG)
+    if meta is None:
+        return kwargs
+    light = copy.copy(meta)
+    light.kv_caches = []
+    return {**kwargs, METADATA_KWARG: light}
+
+
+def attach_caches(kwargs: dict[str, Any], kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    meta = kwargs.get(METADATA_KWARG)
+    if meta is not None:
+        meta.kv_caches = kv_caches

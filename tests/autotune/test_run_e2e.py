@@ -1,0 +1,139 @@
+"""End to end on llama-tiny: `autotune run` launches real servers, logs to a real MLflow store, resumes
+without re-measuring, and the exported best.yaml starts a server that answers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autotune.commands import export as export_command
+from autotune.commands import run as run_command
+from autotune.settings import TrialSettings
+from autotune.traffic.config import ArrivalConfig, LengthDistribution, WorkloadConfig
+from autotune.trial_runner import Traffic, run_trial
+from serving.config import DeploymentConfig
+
+TINY = [
+    "model=llama-tiny",
+    "workload.prefix_len=8",
+    "workload.input_len.mean=24",
+    "workload.output_len.mean=6",
+    "arrival.num_requests=6",
+    "arrival.rate=30",
+    "arrival.warmup_requests=1",
+    "study.name=e2e",
+    "study.live=off",
+]
+
+
+def trial_runs(client: MlflowClient, experiment_id: str) -> list:
+    runs = client.search_runs([experiment_id], filter_string="tags.`autotune.role` = 'trial'")
+    return sorted(runs, key=lambda r: int(r.data.tags["autotune.trial"]))
+
+
+@pytest.mark.slow
+def test_run_resume_mlflow_export_and_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_command.main(["conf=chat", *TINY, "study.n_trials=2"]) == 0
+    trial_dirs = sorted((tmp_path / "runs/e2e/trials").iterdir())
+    assert len(trial_dirs) == 2
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("autotune-e2e")
+    assert experiment is not None
+    runs = trial_runs(client, experiment.experiment_id)
+    assert [r.data.tags["autotune.trial"] for r in runs] == ["0", "1"]
+    first = runs[0]
+    assert first.info.status == "FINISHED" and first.data.tags["state"] == "COMPLETE"
+    assert first.data.params["scheduler.policy"] == "request"  # the first seed of search_spaces/chat.yaml
+    assert first.data.params["model.path"] == "llama-tiny"
+    assert first.data.metrics["completed"] == 6 and first.data.metrics["output_throughput"] > 0
+    assert "p99_ttft_ms" in first.data.metrics and first.data.metrics["peak_rss_mb"] > 0
+    artifacts = {a.path for a in client.list_artifacts(first.info.run_id)}
+    assert {"server.log", "records.jsonl"} <= artifacts
+
+    # resume: one more configuration is measured, the first two are not measured again
+    assert run_command.main(["conf=chat", *TINY, "study.n_trials=3"]) == 0
+    assert len(list((tmp_path / "runs/e2e/trials").iterdir())) == 3
+    runs = trial_runs(client, experiment.experiment_id)
+    assert [r.data.tags["autotune.trial"] for r in runs] == ["0", "1", "2"]
+    assert any(r.data.tags["pareto"] == "true" for r in runs)
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`autotune.role` = 'study'")
+    assert len(parents) == 1
+    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"config.yaml", "trials.csv", "report.html", "pareto.html", "best.yaml"} <= parent_files
+    assert any(name.endswith(".png") for name in parent_files)
+    assert {r.info.run_id for r in runs} == {
+        r.info.run_id
+        for r in client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'",
+        )
+    }
+    report = (tmp_path / "reports/e2e/report.html").read_text()
+    assert "Pareto" in report and "Failed and pruned" in report
+
+    # export by the knee policy, then `serving launch` it and send a request
+    best = tmp_path / "best.yaml"
+    assert export_command.main(["conf=chat", *TINY, "export.policy=knee", f"export.output={best}"]) == 0
+    config = DeploymentConfig.from_yaml(best)
+    assert config.model.path == "llama-tiny"
+    port = free_port()
+    log = (tmp_path / "launch.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "launch", str(best), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": config.model.name, "prompt": "hello", "max_tokens": 4, "ignore_eos": True},
+            timeout=60,
+        )
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "serving launch exited"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("serving launch did not become healthy")
+
+
+def test_a_server_that_cannot_start_fails_the_trial_with_its_reason(tmp_path: Path) -> None:
+    config = DeploymentConfig().replace(**{"model.path": str(tmp_path / "no-such-model")})
+    traffic = Traffic(
+        WorkloadConfig(output_len=LengthDistribution(mean=4)), ArrivalConfig(rate=10, num_requests=2)
+    )
+    outcome = run_trial(config, traffic, TrialSettings(startup_timeout_s=60), tmp_path / "trial")
+    assert not outcome.ok and outcome.reason
+    assert "ServerStartError" in outcome.reason or "exit" in outcome.reason
+    assert outcome.log_path.exists()

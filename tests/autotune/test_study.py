@@ -1,0 +1,163 @@
+"""The study loop without servers: repeats reuse earlier results, the planner prunes without launching,
+orphaned trials of a killed run become retryable, export policies pick as stated."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from autotune import results as R
+from autotune.compose import build_settings, compose_config
+from autotune.context import StudyContext, base_deployment, build_context
+from autotune.export import NoSelection, best_yaml, select
+from autotune.objectives import Objectives
+from autotune.pareto import front, knee
+from autotune.results import TrialRecord, load_records
+from autotune.settings import ExportSettings
+from autotune.space import parse_space
+from autotune.study import StudyLoop, config_key, open_study
+from serving.config import DeploymentConfig
+
+ONE_CONFIG: dict[str, Any] = {
+    "base": {"cache.kv_cache_memory_gb": 0.05},
+    "dimensions": {"scheduler.policy": {"type": "categorical", "choices": ["continuous"]}},
+}
+
+
+def context(tmp_path: Path, space: dict, *overrides: str) -> StudyContext:
+    settings = build_settings(
+        compose_config(
+            "chat",
+            [
+                f"study.runs_dir={tmp_path}/runs",
+                f"study.reports_dir={tmp_path}/reports",
+                "tracking=none",
+                "study.name=unit",
+                "model=llama-tiny",
+                *overrides,
+            ],
+        )
+    )
+    ctx = build_context(settings)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    parsed = parse_space(space, path)
+    return dataclasses.replace(ctx, space=parsed, base=base_deployment(parsed, settings.deployment))
+
+
+METRICS = {"output_throughput": 100.0, "p99_ttft_ms": 50.0, "p99_tpot_ms": 5.0}
+
+
+def test_the_same_config_is_never_measured_twice(tmp_path: Path) -> None:
+    ctx = context(tmp_path, ONE_CONFIG)
+    study = open_study(ctx)
+    config = ctx.space.deployment(ctx.base, {"scheduler.policy": "continuous"})
+    earlier = optuna.trial.create_trial(
+        params={"scheduler.policy": "continuous"},
+        distributions={"scheduler.policy": optuna.distributions.CategoricalDistribution(["continuous"])},
+        values=list(METRICS.values()),
+        user_attrs={R.CONFIG_KEY: config_key(config), R.METRICS: METRICS, R.MEASURED: True},
+    )
+    study.add_trial(earlier)
+    loop = StudyLoop(ctx, study)
+    assert loop.step() is False  # no server launched
+    repeat = study.trials[-1]
+    assert repeat.state == TrialState.COMPLETE and repeat.values == list(METRICS.values())
+    assert repeat.user_attrs[R.REPEAT_OF] == 0
+    assert loop.measured() == 1
+    assert [r.number for r in front(load_records(study), ctx.objectives.directions)] == [0]
+
+
+def test_a_config_that_cannot_fit_is_pruned_without_launching(tmp_path: Path) -> None:
+    space = {**ONE_CONFIG, "base": {**ONE_CONFIG["base"], "cache.kv_cache_memory_gb": 8.0}}
+    ctx = context(tmp_path, space, "planner.memory_limit_gb=2")
+    study = open_study(ctx)
+    assert StudyLoop(ctx, study).step() is False
+    trial = study.trials[-1]
+    assert trial.state == TrialState.PRUNED
+    assert "memory: needs" in trial.user_attrs[R.REASON] and not (ctx.run_dir / "trials").exists()
+
+
+def test_an_invalid_combination_is_pruned_with_the_schema_message(tmp_path: Path) -> None:
+    space = {
+        **ONE_CONFIG,
+        "dimensions": {
+            "scheduler.policy": {"type": "categorical", "choices": ["static"]},
+            "scheduler.chunked_prefill": {"type": "categorical", "choices": [True]},
+        },
+    }
+    ctx = context(tmp_path, space)
+    study = open_study(ctx)
+    assert StudyLoop(ctx, study).step() is False
+    assert "chunked_prefill=true needs scheduler.policy=continuous" in study.trials[-1].user_attrs[R.REASON]
+
+
+def test_an_orphaned_trial_of_a_killed_run_is_retryable(tmp_path: Path) -> None:
+    ctx = context(tmp_path, ONE_CONFIG)
+    study = open_study(ctx)
+    trial = study.ask()
+    trial.set_user_attr(R.OWNER, f"{__import__('socket').gethostname()}:999999999")
+    StudyLoop(ctx, study).fail_orphans()
+    frozen = study.trials[0]
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs[R.RETRYABLE] is True
+
+
+def test_reopening_with_other_objectives_is_refused(tmp_path: Path) -> None:
+    open_study(context(tmp_path, ONE_CONFIG))
+    with pytest.raises(ValueError, match=r"another study\.name"):
+        open_study(context(tmp_path, ONE_CONFIG, "objectives=goodput"))
+
+
+# --- export policies -------------------------------------------------------------------------------
+
+
+def rec(number: int, tput: float, ttft: float, tpot: float, **deployment: object) -> TrialRecord:
+    config = DeploymentConfig().replace(**deployment)
+    metrics = {"output_throughput": tput, "p99_ttft_ms": ttft, "p99_tpot_ms": tpot}
+    objectives = objectives_default()
+    return TrialRecord(
+        number=number,
+        state="COMPLETE",
+        params=dict(deployment),
+        deployment=config.to_flat(),
+        metrics=metrics,
+        values=(tput, ttft, tpot),
+        constraints=objectives.constraint_values(metrics),
+        measured=True,
+    )
+
+
+def objectives_default() -> Objectives:
+    return Objectives(
+        build_settings(compose_config("chat", ["slo.ttft_ms=500", "slo.tpot_ms=50"])).objectives
+    )
+
+
+def test_max_throughput_within_slo_skips_trials_that_miss_an_slo() -> None:
+    records = [
+        rec(0, 50.0, 100.0, 20.0, **{"scheduler.policy": "request"}),
+        rec(1, 200.0, 900.0, 20.0, **{"scheduler.policy": "static"}),  # TTFT over 500
+        rec(2, 150.0, 200.0, 30.0, **{"scheduler.policy": "continuous"}),
+    ]
+    objectives = objectives_default()
+    chosen = select(records, objectives, ExportSettings())
+    assert chosen.record.number == 2 and "p99_ttft_ms <= 500" in chosen.explanation
+    data = best_yaml(chosen, objectives, "unit")
+    assert DeploymentConfig.from_dict(data["deployment"]).scheduler.policy == "continuous"
+    assert data["selected_by"]["trial"] == 2 and data["metrics"]["objectives"]["output_throughput"] == 150.0
+    assert data["command"].startswith("serving serve") and "scheduler.policy" not in data["command"]
+
+
+def test_knee_and_no_feasible_trial() -> None:
+    objectives = objectives_default()
+    records = [rec(0, 100.0, 10.0, 5.0), rec(1, 300.0, 400.0, 40.0), rec(2, 290.0, 40.0, 6.0)]
+    assert select(records, objectives, ExportSettings(policy="knee")).record.number == 2
+    assert knee(front(records, objectives.directions), objectives.directions) is not None
+    with pytest.raises(NoSelection, match="meets the constraints"):
+        select([rec(0, 100.0, 900.0, 5.0)], objectives, ExportSettings())

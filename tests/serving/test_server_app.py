@@ -1,0 +1,40 @@
+"""The app in-process around a real AsyncEngine: what a dead engine looks like to clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from serving.config import DeploymentConfig
+from serving.engine.async_engine import AsyncEngine
+from serving.server.app import build_app
+
+
+@pytest.fixture
+async def engine(make_config: Callable[..., DeploymentConfig]) -> AsyncIterator[AsyncEngine]:
+    engine = AsyncEngine.from_config(make_config())
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
+
+
+async def test_health_turns_503_and_requests_are_refused_once_the_engine_stops(engine: AsyncEngine) -> None:
+    transport = httpx.ASGITransport(app=build_app(engine))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        assert (await client.get("/health")).status_code == 200
+        ok = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "ignore_eos": True})
+        assert ok.json()["usage"]["completion_tokens"] == 2
+        await engine.shutdown()
+        health = await client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["error"]["type"] == "server_error"
+        refused = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503
+        assert "not healthy" in refused.json()["error"]["message"]
+        # metadata endpoints keep answering for diagnosis
+        assert (await client.get("/v1/models")).status_code == 200
+        assert "serving_kv_cache_blocks_used" in (await client.get("/metrics")).text
