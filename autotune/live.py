@@ -110,7 +110,7 @@ class LiveView(StudyObserver):
         if self.live is not None:
             self.live.update(self.render())
         else:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     # --- observer --------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ def pair_infos(
     return infos
 
 
-def draw_pair_png(info: PairInfo, path: Path, labels: dict[int, str]) -> Path:
+def draw_pair_png(info: PairInfo, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,14 +78,8 @@ def draw_pair_png(info: PairInfo, path: Path, labels: dict[int, str]) -> Path:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **styles[label])  # type: ignore[arg-type]
     for x, y, number, on_pair, _, _ in info.points:
-        if on_pair:
-            ax.annotate(
-                f"#{number} {labels.get(number, '')}",
-                (x, y),
-                fontsize=6,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
+        if on_pair:  # the number only: the report's front table names each configuration
+            ax.annotate(f"#{number}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel(
         f"{info.x_name} ({HIGHER_IS_BETTER if info.x_direction == 'maximize' else LOWER_IS_BETTER})"
     )

@@ -41,6 +41,10 @@ class ReportFiles:
         return paths
 
 
+MIN_TRIALS_FOR_IMPORTANCE = 5
+"""Fewer points than this make a random-forest importance estimate noise."""
+
+
 def _objective(index: int) -> Callable[[FrozenTrial], float]:
     def target(trial: FrozenTrial) -> float:
         return float(trial.values[index])
@@ -50,6 +54,9 @@ def _objective(index: int) -> Callable[[FrozenTrial], float]:
 
 def importances(study: optuna.Study, names: Sequence[str]) -> dict[str, dict[str, float]] | str:
     """fANOVA importance of each sampled parameter for each objective (Optuna's evaluator)."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        return f"needs at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials, the study has {len(complete)}"
     out: dict[str, dict[str, float]] = {}
     try:
         with warnings.catch_warnings():
@@ -101,9 +108,8 @@ def write_report(
         directory, directory / "report.html", write_csv(records, names, on_front, directory / "trials.csv")
     )
     files.front = sorted(on_front)
-    labels = {r.number: r.label for r in records}
     for info in pair_infos(records, names, directions):
-        files.pngs.append(draw_pair_png(info, directory / f"pareto_{info.slug}.png", labels))
+        files.pngs.append(draw_pair_png(info, directory / f"pareto_{info.slug}.png"))
     files.interactive = write_interactive(study, names, directory / "pareto.html")
     try:
         files.selection = select(records, objectives, export)
@@ -205,6 +211,7 @@ def _html(
             _table(["parameter", *imps], [[p, *(imps[n].get(p, 0.0) for n in imps)] for p in params])
         )
     parts.append("<h2>All trials</h2>")
+    shown = [r for r in records if r.state not in ("WAITING", "RUNNING")]
     on_front = {r.number for r in front_records}
     rows = [
         [
@@ -214,13 +221,13 @@ def _html(
             *((r.values or ("",) * len(names))[: len(names)]),
             "yes" if r.complete and r.feasible else ("no" if r.complete else ""),
         ]
-        for r in records
+        for r in shown
     ]
     parts.append(
         _table(
             ["trial", "state", "configuration", *names, "feasible"],
             rows,
-            ["front" if r.number in on_front else "" for r in records],
+            ["front" if r.number in on_front else "" for r in shown],
         )
     )
     bad = [r for r in own if r.state in ("FAIL", "PRUNED")]

@@ -1,12 +1,13 @@
 """Our client beside vLLM's own benchmark client (vllm.benchmarks.serve from .venv-vllm, made by
 scripts/setup_vllm.sh) on the same server and the same load, alternating runs so drift hits both sides.
 
-    .venv/bin/python bench/client_vs_vllm.py [--server builtin|vllm|http://host:port] [--rounds 2]
+    .venv/bin/python bench/client_vs_vllm.py [--server builtin|vllm|fake|http://host:port] [--rounds 2]
         [--num-prompts 64] [--concurrency 4] [--rate 4] [--input-len 128] [--output-len 64]
 
 Loads: a closed loop at --concurrency (vLLM: --request-rate inf --max-concurrency N) and Poisson arrivals at
 --rate. Prompts: --input-len tokens as the server counts them (vLLM's random dataset: input-len - BOS of
-random ids + BOS) and exactly --output-len generated tokens (ignore_eos). Target (issue 3): TTFT, TPOT and
+random ids + BOS) and exactly --output-len generated tokens (ignore_eos). --server fake is the scripted
+server (TTFT 50 ms, ITL 20 ms): there any difference is the clients' own. Target (issue 3): TTFT, TPOT and
 throughput within 5% of vLLM's. On a shared machine run-to-run noise can exceed that: compare the rounds.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from autotune.traffic.config import ArrivalConfig, LengthDistribution, WorkloadConfig
+from autotune.traffic.fake_server import fake_server
 from autotune.traffic.runner import run_benchmark
 from serving.config import DeploymentConfig
 from serving.launch import ServerProcess, free_port
@@ -45,6 +47,7 @@ KEYS = (
     "median_itl_ms",
     "median_e2el_ms",
 )
+FAKE_TTFT_MS, FAKE_ITL_MS = 50.0, 20.0
 VLLM_CLIENT = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
     "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
@@ -57,6 +60,9 @@ def server(kind: str, log_dir: Path) -> Iterator[str]:
     """A server URL: an existing one, our builtin engine, or vLLM (CPU build) on llama-57m."""
     if kind.startswith("http"):
         yield kind.rstrip("/")
+    elif kind == "fake":  # a scripted server: both clients should see its exact schedule
+        with fake_server(FAKE_TTFT_MS, FAKE_ITL_MS) as url:
+            yield url
     elif kind == "builtin":
         config = DeploymentConfig().replace(**{"server.port": 0})
         with ServerProcess(config, log_path=log_dir / "builtin.log") as ours_server:

@@ -26,9 +26,9 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.config import ConfigError, DeploymentConfig  # noqa: E402
-from serving.engine.model_loader import load_model, resolve_device  # noqa: E402
-from serving.engine.quantization import check_precision_supported  # noqa: E402
+from serving.config import ConfigError, DeploymentConfig
+from serving.engine.model_loader import load_model, resolve_device
+from serving.engine.quantization import check_precision_supported
 
 OPTIONS: list[tuple[str, str]] = [
     ("float32", "none"),

@@ -2,6 +2,7 @@
 
     serving serve [--config deploy.yaml] [--set key=value ...] [--port N] [--host H] [--print-config]
     serving launch best.yaml [--port N] [--host H]
+    serving schema      # every config key: type, default, meaning (the tables in docs/serving.md)
 
 Errors in the config are one line on stderr and exit code 2, never a traceback.
 """
@@ -9,8 +10,13 @@ Errors in the config are one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
+import itertools
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -41,7 +47,7 @@ def build_parser() -> _Parser:
         "The builtin engine runs in this process; the URL is printed on stdout once it answers, "
         "the startup log goes to stderr. SIGTERM or Ctrl+C shut it down gracefully (exit code 0).",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,launch}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,launch,schema}")
 
     serve = commands.add_parser(
         "serve",
@@ -77,6 +83,12 @@ def build_parser() -> _Parser:
     )
     launch.add_argument("file", type=Path, metavar="BEST_YAML", help="best.yaml or a deploy YAML")
     _add_address(launch)
+
+    commands.add_parser(
+        "schema",
+        help="print every config key with its type, default and meaning (Markdown)",
+        description="Print the DeploymentConfig schema from the field docstrings in serving/config.py.",
+    )
     return parser
 
 
@@ -141,9 +153,68 @@ def run_deployment(config: DeploymentConfig) -> int:
     os.execvpe(command[0], command, env)
 
 
+def config_schema_markdown() -> str:
+    """One Markdown table per config section, from the field annotations, defaults and docstrings."""
+    lines: list[str] = []
+
+    def section(cls: type, prefix: str) -> None:
+        docs = _field_docstrings(cls)
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        rows, nested = [], []
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+                nested.append((hint, f"{prefix}{f.name}."))
+                continue
+            default = yaml.safe_dump(getattr(defaults, f.name), default_flow_style=True)
+            default = default.removesuffix("\n").removesuffix("\n...").strip()
+            rows.append(f"| `{prefix}{f.name}` | {_type_text(hint)} | `{default}` | {docs.get(f.name, '')} |")
+        if rows:
+            title = prefix.rstrip(".") or "top level"
+            lines.extend(
+                [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+            )
+        for hint, sub in nested:
+            section(hint, sub)
+
+    section(DeploymentConfig, "")
+    return "\n".join(lines)
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field (the attribute docstrings of serving/config.py)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for field, doc in itertools.pairwise(body):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
+            docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def _type_text(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"{_type_text(inner)} or null"
+    return getattr(hint, "__name__", str(hint))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "schema":
+            print(config_schema_markdown())
+            return 0
         if args.command == "serve":
             config = resolve_config(args.config, args.overrides, port=args.port, host=args.host)
             if args.print_config:

@@ -27,6 +27,7 @@ Quantization = Literal["none", "int8_dynamic", "int8_weight_only", "int4_weight_
 AttentionBackend = Literal["eager", "sdpa", "paged"]
 SchedulingPolicy = Literal["request", "static", "continuous"]
 QueueOrder = Literal["fcfs", "priority", "sjf"]
+DpRouting = Literal["least_outstanding", "round_robin"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -75,6 +76,8 @@ class ParallelConfig:
     """Pipeline stages per replica (contiguous decoder-layer ranges)."""
     oversubscribe: bool = False
     """Allow more ranks than devices (CPU cores or GPUs)."""
+    dp_routing: DpRouting = "least_outstanding"
+    """How the front end picks a replica: fewest unfinished requests (ties in turn), or strict turns."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp"):

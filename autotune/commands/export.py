@@ -29,7 +29,10 @@ def main(argv: Sequence[str]) -> int:
     if isinstance(session, int):
         return session
     ctx = session.ctx
+    db = ctx.storage_url.removeprefix("sqlite:///")
     try:
+        if db != ctx.storage_url and not Path(db).exists():
+            raise KeyError(ctx.name)
         study = optuna.load_study(study_name=ctx.name, storage=ctx.storage_url)
     except KeyError:
         print(

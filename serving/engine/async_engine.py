@@ -44,6 +44,9 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self.metrics = EngineMetrics()
         self.registry: CollectorRegistry = self.metrics.registry
+        register = getattr(engine, "register_metrics", None)  # hook: parallel engines add their metrics
+        if register is not None:
+            register(self.registry)
         self._commands: deque[tuple[Any, ...]] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -74,6 +77,9 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        close = getattr(self.engine, "close", None)  # hook: parallel engines stop their worker ranks
+        if close is not None:
+            await asyncio.to_thread(close)
         self._fail_all(EngineDeadError("engine shut down"))
 
     def is_healthy(self) -> bool:

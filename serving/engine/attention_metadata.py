@@ -78,23 +78,38 @@ class AttentionMetadata:
 
 
 def _padded(
-    block_tables: torch.Tensor, starts: torch.Tensor, qlens: torch.Tensor, block_size: int, first_token: int
+    block_tables: torch.Tensor, starts: list[int], qlens: list[int], block_size: int, first_token: int
 ) -> PaddedBatch:
     """Pad rows (their tokens contiguous from first_token) to a [B, Qmax, Lmax] batch."""
-    device = block_tables.device
-    num_rows = block_tables.shape[0]
-    qmax = int(qlens.max())
-    lmax = int((starts + qlens).max())
-    cu = torch.cumsum(qlens, 0) - qlens + first_token
-    i = torch.arange(qmax, device=device)
-    query_index = cu[:, None] + torch.minimum(i[None, :], (qlens - 1)[:, None])
-    j = torch.arange(lmax, device=device)
+    qmax = max(qlens)
+    lmax = max(s + q for s, q in zip(starts, qlens, strict=True))
+    st = torch.tensor(starts)
+    ql = torch.tensor(qlens)
+    local = torch.cumsum(ql, 0) - ql
+    i = torch.arange(qmax)
+    query_index = (local + first_token)[:, None] + torch.minimum(i[None, :], (ql - 1)[:, None])
+    j = torch.arange(lmax)
     key_slots = block_tables[:, j // block_size] * block_size + j % block_size
-    mask = (j[None, None, :] <= (starts[:, None] + i[None, :])[:, :, None]).unsqueeze(1)
-    rows = torch.repeat_interleave(torch.arange(num_rows, device=device), qlens)
-    offsets = torch.arange(int(qlens.sum()), device=device) - torch.repeat_interleave(cu - first_token, qlens)
-    output_index = rows * qmax + offsets
-    return PaddedBatch(query_index, key_slots, mask, output_index)
+    mask = (j[None, None, :] <= (st[:, None] + i[None, :])[:, :, None]).unsqueeze(1)
+    rows = torch.repeat_interleave(torch.arange(len(qlens)), ql)
+    offsets = torch.arange(sum(qlens)) - torch.repeat_interleave(local, ql)
+    return PaddedBatch(query_index, key_slots, mask, rows * qmax + offsets)
+
+
+def _paged(
+    block_tables: torch.Tensor, starts: list[int], qlens: list[int], block_size: int, num_decode: int
+) -> PagedBatch:
+    contexts = [s + 1 for s in starts[:num_decode]]
+    nblocks = -(-max(contexts) // block_size) if num_decode else 0
+    span = torch.arange(nblocks * block_size)
+    decode_mask = (span[None, :] < torch.tensor(contexts, dtype=torch.long)[:, None]).view(
+        num_decode, 1, 1, nblocks * block_size
+    )
+    prefill = None
+    if num_decode < len(starts):
+        rest = slice(num_decode, None)
+        prefill = _padded(block_tables[rest], starts[rest], qlens[rest], block_size, first_token=num_decode)
+    return PagedBatch(num_decode, block_tables[:num_decode, :nblocks], decode_mask, prefill)
 
 
 def build_metadata(
@@ -107,33 +122,42 @@ def build_metadata(
     num_decode: int,
     device: torch.device,
 ) -> AttentionMetadata:
-    """Metadata for rows given in batch order; the first num_decode rows each decode one token."""
+    """Metadata for rows given in batch order; the first num_decode rows each decode one token.
+
+    Index tensors are built on the CPU from Python ints (no device syncs for sizes), then moved once.
+    """
     width = max(len(b) for b in block_tables)
-    bt = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.long, device=device)
-    st = torch.tensor(starts, dtype=torch.long, device=device)
-    ql = torch.tensor(query_lens, dtype=torch.long, device=device)
-    rows = torch.repeat_interleave(torch.arange(len(starts), device=device), ql)
+    bt = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.long)
+    ql = torch.tensor(query_lens)
+    rows = torch.repeat_interleave(torch.arange(len(starts)), ql)
     cu = torch.cumsum(ql, 0) - ql
-    pos = st[rows] + torch.arange(int(ql.sum()), device=device) - cu[rows]
+    pos = torch.tensor(starts)[rows] + torch.arange(sum(query_lens)) - cu[rows]
     slot_mapping = bt[rows, pos // block_size] * block_size + pos % block_size
 
-    query_starts = cu.tolist() if backend == "eager" else []
     context_slots: list[torch.Tensor] = []
     padded = paged = None
     if backend == "eager":
-        offsets = torch.arange(width * block_size, device=device)
+        offsets = torch.arange(width * block_size)
         for r, (s, q) in enumerate(zip(starts, query_lens, strict=True)):
-            context_slots.append((bt[r, offsets // block_size] * block_size + offsets % block_size)[: s + q])
+            slots = (bt[r, offsets // block_size] * block_size + offsets % block_size)[: s + q]
+            context_slots.append(_to(slots, device))
     elif backend == "sdpa":
-        padded = _padded(bt, st, ql, block_size, first_token=0)
+        padded = _padded(bt, starts, query_lens, block_size, first_token=0)
+        padded = _move_padded(padded, device)
     else:
-        paged = _paged(bt, st, ql, block_size, num_decode)
+        paged = _paged(bt, starts, query_lens, block_size, num_decode)
+        prefill = paged.prefill
+        if prefill is not None:
+            prefill = _move_padded(prefill, device)
+        paged = PagedBatch(
+            num_decode, _to(paged.decode_block_tables, device), _to(paged.decode_mask, device), prefill
+        )
     return AttentionMetadata(
         kv_caches=kv_caches,
         block_size=block_size,
-        slot_mapping=slot_mapping,
-        positions=pos,
-        query_starts=query_starts,
+        slot_mapping=_to(slot_mapping, device),
+        positions=_to(pos, device),
+        query_starts=cu.tolist() if backend == "eager" else [],
         query_lens=list(query_lens),
         starts=list(starts),
         context_slots=context_slots,
@@ -142,16 +166,17 @@ def build_metadata(
     )
 
 
-def _paged(
-    bt: torch.Tensor, st: torch.Tensor, ql: torch.Tensor, block_size: int, num_decode: int
-) -> PagedBatch:
-    ctx = st[:num_decode] + 1
-    nblocks = -(-int(ctx.max()) // block_size) if num_decode else 0
-    decode_bt = bt[:num_decode, :nblocks]
-    span = torch.arange(nblocks * block_size, device=bt.device)
-    decode_mask = (span[None, :] < ctx[:, None]).view(num_decode, 1, 1, nblocks * block_size)
-    prefill = None
-    if num_decode < bt.shape[0]:
-        rest = slice(num_decode, None)
-        prefill = _padded(bt[rest], st[rest], ql[rest], block_size, first_token=num_decode)
-    return PagedBatch(num_decode, decode_bt, decode_mask, prefill)
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a CPU index tensor to the model's device without blocking the host."""
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _move_padded(batch: PaddedBatch, device: torch.device) -> PaddedBatch:
+    return PaddedBatch(
+        _to(batch.query_index, device),
+        _to(batch.key_slots, device),
+        _to(batch.mask, device),
+        _to(batch.output_index, device),
+    )

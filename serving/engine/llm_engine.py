@@ -85,6 +85,10 @@ class LLMEngine:
         """Load tokenizer and model as the config says, size the KV cache from its memory budget."""
         from serving.engine.model_loader import load_model, load_tokenizer, resolve_device
 
+        if config.parallel.tp > 1 or config.parallel.pp > 1:  # hook: helper "parallel"
+            from serving.engine.distributed.build import build_parallel_engine
+
+            return build_parallel_engine(config)  # type: ignore[no-any-return]
         set_torch_threads()
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(config.model)

@@ -131,7 +131,7 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if param.dim() >= 2:
             values = torch.empty(param.shape, dtype=torch.float32).normal_(
-                0.0, DUMMY_WEIGHT_GAIN / math.sqrt(param.shape[1]), generator=generator
+                0.0, DUMMY_WEIGHT_GAIN / math.sqrt(param[0].numel()), generator=generator
             )
             param.copy_(values)
         elif name.endswith("bias"):

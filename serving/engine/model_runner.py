@@ -100,23 +100,31 @@ class ModelRunner:
         return [by_seq[id(r.seq)] for r in out.scheduled if r.sample]
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledSequence]) -> list[int]:
-        """Greedy at temperature 0; else temperature and top_p with the request's own generator."""
-        tokens: list[int] = logits.argmax(dim=-1).tolist()
-        for i, row in enumerate(rows):
-            params = row.seq.params
-            if params.greedy:
-                continue
-            scaled = logits[i].float() / params.temperature
-            probs = torch.softmax(scaled, dim=-1)
-            if params.top_p < 1.0:
-                sorted_probs, sorted_ids = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-                sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-                choice = torch.multinomial(sorted_probs, 1, generator=self._generator(row))
-                tokens[i] = int(sorted_ids[choice])
-            else:
-                tokens[i] = int(torch.multinomial(probs, 1, generator=self._generator(row)))
-        return tokens
+        """Greedy at temperature 0; else temperature and top_p, drawn with the request's own generator.
+
+        One argmax and one host transfer for the batch; sampled rows are filtered together, only the draw
+        itself is per row (each seeded request owns its generator).
+        """
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, row in enumerate(rows) if not row.seq.params.greedy]
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            temperature = torch.tensor(
+                [rows[i].seq.params.temperature for i in sampled], device=logits.device, dtype=torch.float32
+            )
+            top_p = torch.tensor([rows[i].seq.params.top_p for i in sampled], device=logits.device)
+            probs = torch.softmax(logits.index_select(0, index).float() / temperature[:, None], dim=-1)
+            ids = None
+            if any(rows[i].seq.params.top_p < 1.0 for i in sampled):  # the sort costs: only when asked
+                probs, ids = probs.sort(dim=-1, descending=True)
+                # Keep a token while the mass before it is below top_p (the top token always stays).
+                probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)
+            gens = [self._generator(rows[i]) for i in sampled]
+            draws = torch.cat([torch.multinomial(probs[k], 1, generator=g) for k, g in enumerate(gens)])
+            chosen = draws if ids is None else ids.gather(1, draws[:, None]).squeeze(1)
+            tokens = tokens.index_copy(0, index, chosen)
+        result: list[int] = tokens.tolist()
+        return result
 
     def _generator(self, row: ScheduledSequence) -> torch.Generator:
         seed = row.seq.params.seed

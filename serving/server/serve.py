@@ -1,7 +1,8 @@
 """Run one deployment in this process: load the engine, serve HTTP, stop cleanly on SIGTERM/SIGINT.
 
-Order: load model (a stop signal during loading ends the process with 0 once loading returns) ->
-engine.start() -> uvicorn serves (it takes over SIGTERM/SIGINT and shuts down gracefully, letting
+Order: bind the port (a taken port fails at once, before seconds of model loading) -> load model (a
+stop signal during loading ends the process with 0 once loading returns) -> engine.start() -> listen:
+uvicorn serves (it takes over SIGTERM/SIGINT and shuts down gracefully, letting
 in-flight requests finish for up to GRACEFUL_SHUTDOWN_S) -> engine.shutdown() -> exit code 0.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 
 import uvicorn
 
-from serving.config import DeploymentConfig
+from serving.config import ConfigError, DeploymentConfig
 from serving.server.app import build_app
 from serving.server.engine_client import EngineClient
 
@@ -62,17 +64,42 @@ def serve(config: DeploymentConfig) -> int:
     stop = _StopSignal()
     stop.install()
     configure_logging(config.server.log_level)
+    with bind_socket(config.server.host, config.server.port) as sock:
+        engine = _load_engine(config)
+        if stop.requested:
+            log.info("stop requested during loading; exiting")
+            return 0
+        return _run(engine, config, stop, sock)
+
+
+def _load_engine(config: DeploymentConfig) -> EngineClient:
     from serving.engine.async_engine import AsyncEngine  # torch import: only when really serving
 
     log.info("loading model %s (backend builtin, device %s)", config.model.path, config.device)
-    engine = AsyncEngine.from_config(config)
-    if stop.requested:
-        log.info("stop requested during loading; exiting")
-        return 0
-    return _run(engine, config, stop)
+    if config.parallel.dp > 1:  # hook: helper "parallel" (replicas behind this front end)
+        from serving.engine.distributed.data_parallel import DataParallelEngine
+
+        return DataParallelEngine.from_config(config)
+    return AsyncEngine.from_config(config)
 
 
-def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal) -> int:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not yet listening (clients are refused until the engine is up)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(
+            f"server.host={host!r} server.port={port}: cannot listen there ({err.strerror}); "
+            "choose another port (0 picks a free one)"
+        ) from None
+    return sock
+
+
+def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal, sock: socket.socket) -> int:
     uv_config = uvicorn.Config(
         build_app(engine),
         host=config.server.host,
@@ -86,16 +113,18 @@ def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal) -> i
     stop.server = server
     loop_factory = uv_config.get_loop_factory()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(engine, server, stop))
+        runner.run(_serve(engine, server, stop, sock))
     return 0
 
 
-async def _serve(engine: EngineClient, server: uvicorn.Server, stop: _StopSignal) -> None:
+async def _serve(
+    engine: EngineClient, server: uvicorn.Server, stop: _StopSignal, sock: socket.socket
+) -> None:
     await engine.start()
     try:
         if stop.requested:
             return
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:

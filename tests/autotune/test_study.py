@@ -161,3 +161,63 @@ def test_knee_and_no_feasible_trial() -> None:
     assert knee(front(records, objectives.directions), objectives.directions) is not None
     with pytest.raises(NoSelection, match="meets the constraints"):
         select([rec(0, 100.0, 900.0, 5.0)], objectives, ExportSettings())
+
+
+def test_live_view_reports_progress_best_and_eta() -> None:
+    import io
+
+    from rich.console import Console
+
+    from autotune.live import LiveView
+
+    out = io.StringIO()
+    view = LiveView(objectives_default(), mode="off", console=Console(file=out, width=200))
+    first = dataclasses.replace(rec(0, 100.0, 10.0, 5.0), duration_s=30.0)
+    view.study_started("unit", 3, [first])
+    view.trial_started(1, {"scheduler.policy": "continuous"})
+    view.trial_finished(dataclasses.replace(rec(1, 300.0, 20.0, 4.0), duration_s=50.0), None)
+    text = out.getvalue()
+    assert "1 of 3 configurations already measured" in text and "#1 policy=continuous" in text
+    assert "[2/3]" in text and "ETA 0m40s" in text
+    assert view.best_lines()[0].startswith("output_throughput: 300 (#1")
+    assert view.best_lines()[1].startswith("p99_ttft_ms: 10 (#0")
+    panel = Console(file=io.StringIO(), width=120, record=True)
+    panel.print(view.render())
+    rendered = panel.export_text()
+    assert "2/3 measured" in rendered and "best so far" in rendered and "front" in rendered
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random", "grid"])
+def test_every_sampler_walks_a_conditional_space(sampler: str, tmp_path: Path) -> None:
+    from autotune.samplers import make_sampler
+    from autotune.settings import StudySettings
+
+    space = parse_space(
+        {
+            "dimensions": {
+                "scheduler.policy": {"type": "categorical", "choices": ["request", "continuous"]},
+                "scheduler.max_num_seqs": {
+                    "type": "int",
+                    "low": 2,
+                    "high": 8,
+                    "step": 2,
+                    "when": {"scheduler.policy": "continuous"},
+                },
+            }
+        },
+        tmp_path / "s.yaml",
+    )
+    study = optuna.create_study(
+        directions=["maximize", "minimize"],
+        sampler=make_sampler(
+            StudySettings(name="s", sampler=sampler, n_startup_trials=2, population_size=2), space
+        ),
+    )
+    seen = set()
+    for _ in range(6):
+        trial = study.ask()
+        params = space.suggest(trial)
+        seen.add(tuple(sorted(params.items())))
+        trial.set_constraint("slo", -1.0)
+        study.tell(trial, [float(params.get("scheduler.max_num_seqs", 1)), 1.0])
+    assert seen and all(dict(p).get("scheduler.policy") in ("request", "continuous") for p in seen)

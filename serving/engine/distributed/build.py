@@ -68,7 +68,7 @@ def load_rank_model(
     from serving.engine.model_loader import TORCH_DTYPES, load_model
     from serving.engine.model_runner import ModelRunner
 
-    model = load_model(config, attn_implementation_name(config.attention), ctx.device)
+    model: torch.nn.Module = load_model(config, attn_implementation_name(config.attention), ctx.device)
     num_blocks = replica_num_blocks(config, model)
     start, num_layers = 0, len(_layers(model))
     if config.parallel.tp > 1:
@@ -80,7 +80,11 @@ def load_rank_model(
 
         start, _ = make_stage(model, ctx.rank, config.parallel.pp)
     runner = ModelRunner(
-        model, attention=config.attention, num_blocks=num_blocks, block_size=config.cache.block_size, device=ctx.device
+        model,
+        attention=config.attention,
+        num_blocks=num_blocks,
+        block_size=config.cache.block_size,
+        device=ctx.device,
     )
     caches = runner.kv_caches
     if config.parallel.pp > 1:
@@ -128,7 +132,9 @@ class RankGroup:
         self.watchdog = Watchdog(self.workers)
         self.watchdog.start()
         for worker in self.workers:
-            threading.Thread(target=self._read, args=(worker,), name=f"{worker.name}-reader", daemon=True).start()
+            threading.Thread(
+                target=self._read, args=(worker,), name=f"{worker.name}-reader", daemon=True
+            ).start()
         atexit.register(self.stop)
 
     def _read(self, worker: Child) -> None:
@@ -168,7 +174,10 @@ def build_parallel_engine(config: DeploymentConfig) -> Any:
     group = RankGroup(config, specs)
     group.spawn()
     log.info(
-        "parallel: tp=%d pp=%d, %d ranks on cpus %s", config.parallel.tp, config.parallel.pp, world,
+        "parallel: tp=%d pp=%d, %d ranks on cpus %s",
+        config.parallel.tp,
+        config.parallel.pp,
+        world,
         [list(s.cpus) for s in specs],
     )
     ctx = rank_context(config, 0)
@@ -192,7 +201,7 @@ def _load_rank0(config: DeploymentConfig, ctx: RankContext) -> tuple[torch.nn.Mo
     from serving.engine.attention import attn_implementation_name
     from serving.engine.model_loader import TORCH_DTYPES, load_model
 
-    model = load_model(config, attn_implementation_name(config.attention), ctx.device)
+    model: torch.nn.Module = load_model(config, attn_implementation_name(config.attention), ctx.device)
     num_blocks = replica_num_blocks(config, model)
     if config.parallel.tp > 1:
         from serving.engine.distributed.tensor_parallel import shard_model

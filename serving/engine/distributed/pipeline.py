@@ -66,7 +66,9 @@ def make_stage(model: nn.Module, stage: int, pp: int) -> tuple[int, int]:
         model.lm_head = nn.Identity()
     if stage != 0:
         old = decoder.embed_tokens
-        decoder.embed_tokens = nn.Embedding(1, old.embedding_dim, dtype=old.weight.dtype, device=old.weight.device)
+        decoder.embed_tokens = nn.Embedding(
+            1, old.embedding_dim, dtype=old.weight.dtype, device=old.weight.device
+        )
     return start, end
 
 

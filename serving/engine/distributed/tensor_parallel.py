@@ -35,7 +35,9 @@ def init_tensor_parallel(device: torch.device) -> None:
     """deepspeed.comm over the RANK/WORLD_SIZE/MASTER_* environment (set by placement.RankSpec.env)."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist_backend(device), auto_mpi_discovery=False, timeout=DIST_TIMEOUT)
+    deepspeed.init_distributed(
+        dist_backend=dist_backend(device), auto_mpi_discovery=False, timeout=DIST_TIMEOUT
+    )
 
 
 def shard_model(model: torch.nn.Module, tp: int, dtype: torch.dtype) -> torch.nn.Module:

@@ -20,7 +20,12 @@ class TensorParallelEngine(LLMEngine):
     """Scheduler, block manager and sampling on rank 0; every forward runs on all tp ranks."""
 
     def __init__(
-        self, config: DeploymentConfig, model: torch.nn.Module, tokenizer: Any, group: RankGroup, num_blocks: int
+        self,
+        config: DeploymentConfig,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        group: RankGroup,
+        num_blocks: int,
     ) -> None:
         super().__init__(config, model, eos_token_ids=eos_token_ids(model, tokenizer), num_blocks=num_blocks)
         self.tokenizer = tokenizer

@@ -52,7 +52,9 @@ def validate_parallel(
             f"use one of {[d for d in range(1, heads + 1) if heads % d == 0 and kv_heads % d == 0]}"
         )
     if par.pp > layers:
-        raise ConfigError(f"parallel.pp={par.pp} exceeds the model's {layers} decoder layers: use at most {layers}")
+        raise ConfigError(
+            f"parallel.pp={par.pp} exceeds the model's {layers} decoder layers: use at most {layers}"
+        )
     if par.tp > 1 and par.pp > 1:
         raise ConfigError(
             f"parallel.tp={par.tp} with parallel.pp={par.pp}: the builtin engine runs tensor or pipeline "
@@ -97,7 +99,7 @@ def read_model_config(config: DeploymentConfig) -> dict[str, Any]:
 
 
 def local_devices(config: DeploymentConfig) -> tuple[int, str]:
-    """(count, "cuda" | "cpu"): the GPUs torch sees when the config runs on CUDA, else this process's cores."""
+    """(count, "cuda" | "cpu"): GPUs torch sees when the config runs on CUDA, else this process's cores."""
     from serving.engine.model_loader import resolve_device
 
     device = resolve_device(config.device)

@@ -1,0 +1,116 @@
+"""Entry of one data-parallel replica: `python -m serving.engine.distributed.replica` (spawned by the
+front end, serving.engine.distributed.data_parallel).
+
+The replica is an ordinary engine (itself tensor- or pipeline-parallel when tp or pp > 1) driven by a
+step loop like AsyncEngine's, fed through its pipe: ("add", ...), ("abort", id), ("stop",) in;
+("out", [RequestOutput]) per step, ("error", id, message), ("metrics", text, EngineStats) out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+IDLE_WAIT_S = 0.1
+GATHER_WAIT_S = 0.001
+METRICS_INTERVAL_S = 0.25
+"""Metrics text goes to the front end at most this often while busy (and once on going idle)."""
+
+
+def main() -> int:
+    from serving.engine.distributed.process import child_setup
+
+    conn = child_setup()
+    try:
+        return _serve(conn)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+
+
+def _serve(conn: Connection) -> int:
+    import yaml
+    from prometheus_client import generate_latest
+
+    from serving.config import DeploymentConfig
+    from serving.engine.distributed.build import CPUS_ENV
+    from serving.engine.distributed.placement import pin_this_process
+    from serving.engine.distributed.process import CONFIG_ENV
+    from serving.engine.llm_engine import LLMEngine
+    from serving.engine.metrics import EngineMetrics
+
+    config = DeploymentConfig.from_dict(yaml.safe_load(os.environ[CONFIG_ENV]))
+    pin_this_process([int(c) for c in os.environ[CPUS_ENV].split(",")])
+    engine = LLMEngine.from_config(config)
+    metrics = EngineMetrics()
+    register = getattr(engine, "register_metrics", None)
+    if register is not None:
+        register(metrics.registry)
+
+    def push() -> None:
+        conn.send(("metrics", generate_latest(metrics.registry).decode(), engine.stats()))
+
+    def observe(step_seconds: float | None) -> None:
+        totals = (engine.num_prompt_tokens_total, engine.num_generation_tokens_total)
+        metrics.observe(engine.stats(), *totals, step_seconds)
+
+    observe(None)
+    conn.send(("ready", engine.vocab_size))
+    push()
+    last_push, dirty = time.monotonic(), False
+    try:
+        while True:
+            timeout = 0.0 if engine.has_unfinished() else IDLE_WAIT_S
+            while conn.poll(timeout):
+                timeout = 0.0
+                if not _apply(engine, conn, conn.recv()):
+                    return 0
+                dirty = True
+            if not engine.has_unfinished():
+                if dirty:
+                    observe(None)
+                    push()
+                    last_push, dirty = time.monotonic(), False
+                continue
+            outputs = engine.step()
+            if engine.last_step_idle:
+                conn.poll(GATHER_WAIT_S)
+                continue
+            observe(engine.last_step_seconds)
+            if outputs:
+                conn.send(("out", outputs))
+            dirty = True
+            if time.monotonic() - last_push >= METRICS_INTERVAL_S:
+                push()
+                last_push, dirty = time.monotonic(), False
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+
+
+def _apply(engine: Any, conn: Connection, message: tuple[Any, ...]) -> bool:
+    """Apply one command; False on stop."""
+    kind = message[0]
+    if kind == "add":
+        _, request_id, prompt, params, priority, arrival = message
+        try:
+            engine.add_request(request_id, prompt, params, priority, arrival_time=arrival)
+        except ValueError as err:
+            conn.send(("error", request_id, str(err)))
+    elif kind == "abort":
+        stop = engine.abort(message[1])
+        if stop is not None:
+            conn.send(("out", [stop]))
+    elif kind == "stop":
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

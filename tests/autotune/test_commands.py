@@ -1,0 +1,48 @@
+"""`autotune plan`, `export` and `worker` without launching servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autotune.cli import main as cli_main
+
+
+def test_plan_prints_space_pruned_reasons_and_eta(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = cli_main(
+        [
+            "plan",
+            "conf=chat",
+            "planner.memory_limit_gb=1.0",
+            "+deployment.cache.block_size=32",
+            f"study.runs_dir={tmp_path}",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "scheduler.policy" in out and "request, static" in out
+    assert "pruned before launch" in out and "memory: needs" in out
+    assert "ETA" in out and "12 trials" in out
+
+
+def test_plan_with_a_space_that_fits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli_main(["plan", "conf=summarise", f"study.runs_dir={tmp_path}"]) == 0
+    assert "nothing pruned" in capsys.readouterr().out
+
+
+def test_export_without_a_study_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli_main(["export", "conf=chat", f"study.runs_dir={tmp_path}"]) == 2
+    assert "no study 'chat'" in capsys.readouterr().err
+
+
+def test_worker_needs_a_shared_storage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["worker", "conf=chat"]) == 2
+    assert "study.storage" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["run", "conf=chat", "study.n_trail=3"]) == 2
+    assert "n_trail" in capsys.readouterr().err
+    assert cli_main(["run", "--help"]) == 0
+    assert "conf=chat" in capsys.readouterr().out
