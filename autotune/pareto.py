@@ -27,10 +27,14 @@ def candidates(records: Sequence[TrialRecord], *, feasible_only: bool = True) ->
 
 
 def front(
-    records: Sequence[TrialRecord], directions: Sequence[str], indices: Sequence[int] | None = None
+    records: Sequence[TrialRecord],
+    directions: Sequence[str],
+    indices: Sequence[int] | None = None,
+    *,
+    feasible_only: bool = True,
 ) -> list[TrialRecord]:
     """The feasible non-dominated trials; `indices` restricts to some objectives (pairwise plots)."""
-    pool = candidates(records)
+    pool = candidates(records, feasible_only=feasible_only)
     axes = list(indices) if indices is not None else list(range(len(directions)))
     dirs = [directions[i] for i in axes]
 

@@ -99,7 +99,9 @@ def write_report(
     *,
     context: dict[str, str],
     best_path: Path | None = None,
+    group_by: str = "scheduler.policy",
 ) -> ReportFiles:
+    """Everything in `directory`; `group_by` is the deployment key that colours the Pareto plots."""
     directory.mkdir(parents=True, exist_ok=True)
     names, directions = objectives.names, objectives.directions
     front_records = front(records, directions)
@@ -108,7 +110,9 @@ def write_report(
         directory, directory / "report.html", write_csv(records, names, on_front, directory / "trials.csv")
     )
     files.front = sorted(on_front)
-    for info in pair_infos(records, names, directions):
+    bounds = {m: b for m, kind, b in objectives.settings.bounds() if kind == "max"}
+    bounds.update({m: b for m, kind, b in objectives.settings.bounds() if kind == "min"})
+    for info in pair_infos(records, names, directions, bounds, group_by):
         files.pngs.append(draw_pair_png(info, directory / f"pareto_{info.slug}.png"))
     files.interactive = write_interactive(study, names, directory / "pareto.html")
     try:
@@ -183,6 +187,13 @@ def _html(
             f"<p>Interactive (Optuna / plotly): <a href='{files.interactive.name}'>pareto.html</a></p>"
         )
     parts.append(f"<h2>The front ({len(front_records)} feasible, non-dominated configurations)</h2>")
+    if not front_records:
+        front_records = front(records, objectives.directions, feasible_only=False)
+        parts.append(
+            "<p>No trial meets every constraint; the non-dominated trials ignoring the constraints are "
+            f"listed instead ({len(front_records)}). Loosen the SLOs (slo.ttft_ms, slo.tpot_ms), lower the "
+            "offered load, or widen the space.</p>"
+        )
     selected = files.selection.record.number if files.selection else None
     rows = [
         [

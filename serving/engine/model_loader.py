@@ -16,21 +16,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
 
 from serving.config import ConfigError, DeploymentConfig, DType, ModelConfig
-from serving.engine.quantization import apply_quantization
+from serving.engine.quantization import apply_quantization, check_parallel_quantization
+
+if TYPE_CHECKING:  # transformers is imported where used: the launcher resolves paths without it
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 DUMMY_WEIGHT_GAIN = 1.5
 """Dummy matrices have std gain / sqrt(fan_in): large enough that greedy outputs vary from token to token."""
@@ -78,6 +73,8 @@ def resolve_model_dir(path: str, field: str = "model.path") -> Path:
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
     """The fast tokenizer of `model.tokenizer`, else of the model directory (offline)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     field = "model.tokenizer" if model.tokenizer else "model.path"
     directory = resolve_model_dir(model.tokenizer or model.path, field)
     try:
@@ -94,6 +91,9 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
 
 def load_model(config: DeploymentConfig, attn_implementation: str, device: torch.device) -> PreTrainedModel:
     """The causal LM in eval mode on `device`, in `precision.dtype`, quantised per precision.quantization."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_parallel_quantization(config)
     model_cfg = config.model
     directory = resolve_model_dir(model_cfg.path)
     hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -115,6 +115,8 @@ def load_model(config: DeploymentConfig, attn_implementation: str, device: torch
 
 def build_dummy_model(hf_config: PretrainedConfig, attn_implementation: str, seed: int) -> PreTrainedModel:
     """float32 CPU model, weights drawn by init_dummy_weights from a generator seeded with `seed`."""
+    from transformers import AutoModelForCausalLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(

@@ -4,13 +4,13 @@ Every option quantises all nn.Linear layers including the lm_head: at vocab 3200
 is the single largest matrix of llama-57m (16.4M of 57M parameters), so leaving it in float would keep
 the biggest GEMV of each decode step unquantised. Embeddings stay as they are (a gather, not a GEMM).
 
-| option            | library                              | runs on    | dtypes                |
-|-------------------|--------------------------------------|------------|-----------------------|
-| int8_dynamic      | torch.ao quantize_dynamic (fbgemm)   | CPU        | float32               |
-| int8_weight_only  | torchao Int8WeightOnlyConfig         | CPU, CUDA  | any                   |
-| int4_weight_only  | torchao Int4WeightOnlyConfig, tinygemm | CUDA     | bfloat16              |
-| bnb_int8          | bitsandbytes Linear8bitLt            | CPU, CUDA  | any                   |
-| bnb_nf4           | bitsandbytes Linear4bit (nf4)        | CPU, CUDA  | any                   |
+| option           | library                                | runs on   | dtypes   |
+|------------------|----------------------------------------|-----------|----------|
+| int8_dynamic     | torch.ao quantize_dynamic (fbgemm)     | CPU       | float32  |
+| int8_weight_only | torchao Int8WeightOnlyConfig           | CPU, CUDA | any      |
+| int4_weight_only | torchao Int4WeightOnlyConfig, tinygemm | CUDA      | bfloat16 |
+| bnb_int8         | bitsandbytes Linear8bitLt, threshold 0 | CPU, CUDA | any      |
+| bnb_nf4          | bitsandbytes Linear4bit, nf4           | CPU, CUDA | any      |
 
 Tensor parallelism (DeepSpeed AutoTP) shards nn.Linear layers; quantised layers are other module types, so
 quantisation with parallel.tp > 1 is refused rather than silently left unsharded.
@@ -41,6 +41,11 @@ def check_precision_supported(config: DeploymentConfig) -> None:
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_quantization(config.precision, device_type)
+    check_parallel_quantization(config)
+
+
+def check_parallel_quantization(config: DeploymentConfig) -> None:
+    """AutoTP cannot shard quantised layers."""
     if config.precision.quantization != "none" and config.parallel.tp > 1:
         raise ConfigError(
             f"precision.quantization={config.precision.quantization!r} with "
@@ -147,6 +152,7 @@ def _bnb_linear(linear: nn.Linear, kind: str, device: torch.device) -> nn.Module
     has_bias = linear.bias is not None
     layer: nn.Module
     if kind == "int8":
+        # threshold 0: plain int8 GEMM without LLM.int8()'s fp16 outlier columns (the slow mixed path).
         layer = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0
         )

@@ -112,6 +112,12 @@ def test_check_precision_supported_refuses_by_name(flat: dict[str, Any], match: 
         check_precision_supported(config(**flat))
 
 
+def test_load_model_refuses_quantised_tensor_parallel() -> None:
+    cfg = config(**{"parallel.tp": 2, "precision.quantization": "bnb_int8"})
+    with pytest.raises(ConfigError, match=r"parallel\.tp=2"):
+        load_model(cfg, "sdpa", CPU)
+
+
 def test_check_precision_supported_accepts_cuda_options_without_a_gpu() -> None:
     """The tuner checks a CUDA config on any machine; these combinations are valid there."""
     for flat in (

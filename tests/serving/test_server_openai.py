@@ -170,8 +170,12 @@ def test_raw_stream_matches_vllm_shapes(http: httpx.Client) -> None:
         assert set(chunk["choices"][0]) >= {"index", "text", "logprobs", "finish_reason"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
 
-    without_usage = sse_events(http, "/v1/completions", {**body, "stream_options": None})
+    without_usage = sse_events(http, "/v1/completions", {**body, "stream_options": None, "priority": 3})
     assert [json.loads(e).get("usage", "absent") for e in without_usage[:-1]] == ["absent"] * 3
+
+    continuous = {"include_usage": True, "continuous_usage_stats": True}
+    running = sse_events(http, "/v1/completions", {**body, "stream_options": continuous})
+    assert [json.loads(e)["usage"]["completion_tokens"] for e in running[:-1]] == [1, 2, 3, 3]
 
 
 def test_stop_string_ends_the_output(client: openai.OpenAI) -> None:

@@ -1,0 +1,93 @@
+"""Several client processes on one schedule, for loads one process cannot send on time.
+
+Request i goes to process i % N. Workers are plain subprocesses (autotune.traffic.worker) talking over
+stdin/stdout, so no multiprocessing semaphores or tracker processes outlive a run; they start on one shared
+perf_counter instant (CLOCK_MONOTONIC is common to all processes on Linux), so their records merge exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from autotune.traffic.records import RequestRecord
+from autotune.traffic.schedule import ClientPlan, Tick
+
+_START_MARGIN_S = 0.05
+
+
+def _split(plan: ClientPlan, parts: int) -> list[ClientPlan]:
+    def share(total: int | None, p: int) -> int | None:
+        return None if total is None else max(1, total // parts + (1 if p < total % parts else 0))
+
+    return [
+        dataclasses.replace(
+            plan, items=plan.items[p::parts], concurrency=share(plan.concurrency, p), process=p
+        )
+        for p in range(parts)
+    ]
+
+
+def run_processes(plan: ClientPlan, parts: int, tick: Tick) -> tuple[list[RequestRecord], float, float]:
+    """`parts` worker processes (autotune.traffic.worker) on one schedule -> (records, origin, end)."""
+    with tempfile.TemporaryDirectory(prefix="autotune-bench-") as tmp:
+        procs, outs = [], []
+        for part in _split(plan, parts):
+            plan_path, out_path = Path(tmp) / f"plan{part.process}.pkl", Path(tmp) / f"out{part.process}.json"
+            plan_path.write_bytes(pickle.dumps(part))
+            command = [sys.executable, "-m", "autotune.traffic.worker", str(plan_path), str(out_path)]
+            procs.append(
+                subprocess.Popen(
+                    command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+                )
+            )
+            outs.append(out_path)
+        try:
+            for proc in procs:
+                assert proc.stdout is not None and proc.stdin is not None  # both are PIPEs
+                line = proc.stdout.readline().strip()
+                if line != "READY":
+                    raise RuntimeError(
+                        f"client worker {proc.pid} did not start (exit {proc.wait()}): {line!r}"
+                    )
+            origin = time.perf_counter() + _START_MARGIN_S
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(f"{origin!r}\n")
+                proc.stdin.flush()
+            readers = [threading.Thread(target=_follow, args=(proc, tick)) for proc in procs]
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                reader.join()
+            codes = [proc.wait() for proc in procs]
+            if any(codes):
+                raise RuntimeError(f"client worker(s) failed with exit codes {codes}")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        results = [json.loads(out.read_text()) for out in outs]
+    records = sorted(
+        (RequestRecord.from_json(r) for result in results for r in result["records"]), key=lambda r: r.index
+    )
+    return records, origin, max(result["end"] for result in results)
+
+
+def _follow(proc: subprocess.Popen[str], tick: Tick) -> None:
+    """Relay a worker's per-request ticks to the progress bar until it says DONE (or exits)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("T"):
+            tick()
+        elif line.startswith("DONE"):
+            return
