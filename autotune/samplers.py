@@ -3,6 +3,8 @@ which NSGA-II, TPE and GP read; random and grid ignore them, as they should."""
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 
 from autotune.settings import StudySettings
@@ -14,9 +16,11 @@ def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(
-            n_startup_trials=settings.n_startup_trials, multivariate=True, group=True, seed=seed
-        )
+        with warnings.catch_warnings():  # multivariate and group are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                n_startup_trials=settings.n_startup_trials, multivariate=True, group=True, seed=seed
+            )
     if name == "gp":
         return optuna.samplers.GPSampler(n_startup_trials=settings.n_startup_trials, seed=seed)
     if name == "random":

@@ -108,6 +108,22 @@ class StudyLoop:
         for seed in self.ctx.space.seeds:
             self.study.enqueue_trial(dict(seed), skip_if_exists=True)
 
+    def requeue_interrupted(self) -> None:
+        """Configurations whose measurement was interrupted are queued again (once, until measured)."""
+        trials = self.study.get_trials(deepcopy=False)
+        measured = {
+            t.user_attrs.get(R.CONFIG_KEY)
+            for t in trials
+            if t.state in FINISHED and not t.user_attrs.get(R.RETRYABLE)
+        }
+        waiting = [t.system_attrs.get("fixed_params") for t in trials if t.state == TrialState.WAITING]
+        for t in trials:
+            key = t.user_attrs.get(R.CONFIG_KEY)
+            if t.user_attrs.get(R.RETRYABLE) and key not in measured and t.params not in waiting:
+                self.study.enqueue_trial(dict(t.params))
+                waiting.append(dict(t.params))
+                measured.add(key)
+
     def earlier_result(self, key: str, number: int) -> FrozenTrial | None:
         """A finished (or running) trial with the same deployment; COMPLETE preferred."""
         same = [
@@ -127,6 +143,7 @@ class StudyLoop:
     def run(self) -> list[TrialRecord]:
         total = self.ctx.settings.study.n_trials
         self.fail_orphans()
+        self.requeue_interrupted()
         self.enqueue_seeds()
         for o in self.observers:
             o.study_started(self.ctx.name, total, load_records(self.study))

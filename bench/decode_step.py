@@ -49,7 +49,8 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int) -> tuple[li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--model", default="llama-57m")
     parser.add_argument("--attention", nargs="+", default=["eager", "sdpa", "paged"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
@@ -76,8 +77,9 @@ def main() -> None:
                 wall, cpu = measure(engine, batch, args.context, args.steps)
                 wall.sort()
                 p10, p90 = wall[len(wall) // 10], wall[(len(wall) * 9) // 10]
-                row = f"{quant:<18}{attention:<10}{batch:>6}{statistics.median(wall):>9.2f}{p10:>8.2f}{p90:>8.2f}"
-                print(f"{row}{statistics.median(cpu):>8.2f}", flush=True)
+                median, median_cpu = statistics.median(wall), statistics.median(cpu)
+                row = f"{quant:<18}{attention:<10}{batch:>6}{median:>9.2f}{p10:>8.2f}{p90:>8.2f}"
+                print(f"{row}{median_cpu:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.1
 """Longest sleep with no work; a new request wakes the loop at once."""
-GATHER_WAIT_S = 0.001
-"""Sleep while requests wait but nothing can run yet (a static batch still gathering)."""
+GATHER_WAIT_S = 0.0005
+"""Shortest sleep while requests wait but nothing can run yet (a static batch still gathering)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -151,8 +151,8 @@ class AsyncEngine:
                     self._wake.wait(IDLE_WAIT_S)
                     continue
                 outputs = engine.step()
-                if engine.last_step_idle:
-                    self._wake.wait(GATHER_WAIT_S)
+                if engine.last_step_idle:  # a static batch still gathering: sleep until it is due
+                    self._wake.wait(max(GATHER_WAIT_S, engine.scheduler.seconds_until_batch()))
                     continue
                 self._observe(engine.last_step_seconds)  # before the outputs: a client sees fresh metrics
                 if outputs:

@@ -24,6 +24,9 @@ from serving.engine.sequence import Sequence
 class LLMEngine:
     """Owns scheduler, block manager and model runner for one model replica."""
 
+    tokenizer: Any = None
+    """Set by from_config; engines built from a bare model (tests) have none."""
+
     def __init__(
         self,
         config: DeploymentConfig,
@@ -96,8 +99,6 @@ class LLMEngine:
         engine = cls(config, model, eos_token_ids=eos_token_ids(model, tokenizer))
         engine.tokenizer = tokenizer
         return engine
-
-    tokenizer: Any = None
 
     # --- requests ------------------------------------------------------------------------------
 

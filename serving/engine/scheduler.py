@@ -194,6 +194,15 @@ class Scheduler:
             del self.waiting[: self.max_num_seqs]
         return self.batch
 
+    def seconds_until_batch(self) -> float:
+        """static: how long until the gathering batch is due (0 when something can run now)."""
+        if self.config.policy != "static" or self.running or self.batch or not self.waiting:
+            return 0.0
+        if len(self.waiting) >= self.max_num_seqs:
+            return 0.0
+        oldest = min(s.arrival_time for s in self.waiting)
+        return max(0.0, oldest + self.config.batch_wait_ms / 1000.0 - self.clock())
+
     def _batch_ready(self) -> bool:
         if not self.waiting:
             return False

@@ -4,6 +4,7 @@ orphaned trials of a killed run become retryable, export policies pick as stated
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +99,22 @@ def test_an_invalid_combination_is_pruned_with_the_schema_message(tmp_path: Path
     assert "chunked_prefill=true needs scheduler.policy=continuous" in study.trials[-1].user_attrs[R.REASON]
 
 
-def test_an_orphaned_trial_of_a_killed_run_is_retryable(tmp_path: Path) -> None:
+def test_an_orphaned_trial_of_a_killed_run_is_retryable_and_queued_again(tmp_path: Path) -> None:
     ctx = context(tmp_path, ONE_CONFIG)
     study = open_study(ctx)
     trial = study.ask()
-    trial.set_user_attr(R.OWNER, f"{__import__('socket').gethostname()}:999999999")
-    StudyLoop(ctx, study).fail_orphans()
+    trial.suggest_categorical("scheduler.policy", ["continuous"])
+    trial.set_user_attr(R.CONFIG_KEY, "k")
+    trial.set_user_attr(R.OWNER, f"{socket.gethostname()}:999999999")  # a pid that cannot exist
+    loop = StudyLoop(ctx, study)
+    loop.fail_orphans()
     frozen = study.trials[0]
     assert frozen.state == TrialState.FAIL and frozen.user_attrs[R.RETRYABLE] is True
+    loop.requeue_interrupted()
+    loop.requeue_interrupted()  # idempotent
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [{"scheduler.policy": "continuous"}]
+    assert loop.measured() == 0
 
 
 def test_reopening_with_other_objectives_is_refused(tmp_path: Path) -> None:

@@ -123,8 +123,12 @@ def _equality_run(layout: str) -> dict[str, Any]:
             if hasattr(engine, "depth"):
                 engine.depth = 2 if cfg.scheduler.policy == "continuous" else 1
             got = engine.generate(prompts, greedy)
-            results[name] = {"ref": ref, "got": got, "free": engine.block_manager.num_free_blocks,
-                             "total": engine.block_manager.num_blocks}
+            results[name] = {
+                "ref": ref,
+                "got": got,
+                "free": engine.block_manager.num_free_blocks,
+                "total": engine.block_manager.num_blocks,
+            }
         if hasattr(engine, "inflight"):
             results["stage_steps"] = [meter.count for meter in engine.group.busy]
     finally:
@@ -160,8 +164,13 @@ def _server(tmp_path: Path, name: str, **overrides: Any) -> ServerProcess:
 
 
 def _complete(client: httpx.Client, url: str, prompt: list[int]) -> str:
-    body = {"model": "llama-tiny", "prompt": prompt, "max_tokens": NUM_TOKENS, "temperature": 0.0,
-            "ignore_eos": True}
+    body = {
+        "model": "llama-tiny",
+        "prompt": prompt,
+        "max_tokens": NUM_TOKENS,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     response = client.post(f"{url}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     text: str = response.json()["choices"][0]["text"]
@@ -216,8 +225,11 @@ def test_dp2_matches_one_replica_and_labels_metrics_then_dies_cleanly(tmp_path: 
         assert got == ref
         for replica in ("0", "1"):
             line = next(
-                (m for m in metrics.splitlines()
-                 if m.startswith("serving_generation_tokens_total") and f'replica="{replica}"' in m),
+                (
+                    m
+                    for m in metrics.splitlines()
+                    if m.startswith("serving_generation_tokens_total") and f'replica="{replica}"' in m
+                ),
                 None,
             )
             assert line is not None, f"no generation counter for replica {replica}"

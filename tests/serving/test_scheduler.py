@@ -236,3 +236,14 @@ def test_duplicate_request_id_is_refused() -> None:
     add(s, "x", 4)
     with pytest.raises(ValueError, match="already in the engine"):
         add(s, "x", 4)
+
+
+def test_seconds_until_batch_tells_the_loop_how_long_to_sleep() -> None:
+    clock = Clock()
+    s = make(policy="static", max_num_seqs=3, batch_wait_ms=50, clock=clock)
+    assert s.seconds_until_batch() == 0.0
+    add(s, "a", 4, t=0.0)
+    clock.now = 0.02
+    assert s.seconds_until_batch() == pytest.approx(0.03)
+    clock.now = 0.06
+    assert s.seconds_until_batch() == 0.0

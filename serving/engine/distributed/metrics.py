@@ -1,5 +1,6 @@
 """Prometheus view of a parallel replica, read at scrape time (nothing is added to the step path).
 
+  serving_tp_allreduce_info{impl}                                          shm | process_group
   serving_tp_allreduce_seconds_total / serving_tp_allreduce_calls_total   rank 0's time in all-reduces
   serving_tp_steps_total                                                   steps that ran a forward
   serving_tp_step_broadcast_seconds_total                                  rank 0 sending step inputs
@@ -30,6 +31,13 @@ class ParallelCollector(Collector):
         engine = self.engine
         allreduce = getattr(engine, "allreduce", None)
         if allreduce is not None:
+            info = GaugeMetricFamily(
+                "serving_tp_allreduce_info",
+                "All-reduce in use: shm or process_group",
+                labels=[*names, "impl"],
+            )
+            info.add_metric([*values, engine.allreduce_impl], 1.0)
+            yield info
             yield _counter(
                 "serving_tp_allreduce_seconds", "Rank 0 time in all-reduce", names, values, allreduce.seconds
             )

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MASTER_ADDR = "127.0.0.1"
+ALLREDUCE_ENV = "SERVING_TP_ALLREDUCE"
+"""`shm` (DeepSpeed's shared-memory all-reduce) or `process_group` (gloo/nccl). Every rank of a group must
+use the same; rank 0 decides (plan_ranks) unless it is set in the server's environment."""
+ALLREDUCE_CHOICES = ("shm", "process_group")
 
 
 def split_cpus(cpus: Sequence[int], parts: int) -> list[list[int]]:
@@ -66,6 +70,8 @@ class RankSpec:
     cpus: tuple[int, ...]
     gpu: str | None
     """The one GPU id this rank sees (CUDA), None on CPU."""
+    allreduce: str = "shm"
+    """ALLREDUCE_CHOICES: shm spins while it waits, so it is used only when every rank has its own cores."""
 
     def env(self) -> dict[str, str]:
         """torch.distributed / DeepSpeed variables. LOCAL_SIZE must equal the world size, or DeepSpeed's
@@ -82,6 +88,7 @@ class RankSpec:
             "MASTER_PORT": str(self.master_port),
             "OMP_NUM_THREADS": str(len(self.cpus)),
             "TOKENIZERS_PARALLELISM": "false",
+            ALLREDUCE_ENV: self.allreduce,
         }
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
@@ -91,12 +98,19 @@ class RankSpec:
 def plan_ranks(world_size: int, device_type: str) -> list[RankSpec]:
     """Specs for ranks 0..world_size-1 over this process's cores (or visible GPUs)."""
     port = free_port()
-    cpu_shares = split_cpus(list(os.sched_getaffinity(0)), world_size)
+    cpus = list(os.sched_getaffinity(0))
+    cpu_shares = split_cpus(cpus, world_size)
     gpus: list[str | None] = [None] * world_size
     if device_type == "cuda":
         gpus = [share[0] for share in split_gpus(visible_gpus(), world_size)]
+    allreduce = os.environ.get(ALLREDUCE_ENV) or ("shm" if world_size <= len(cpus) else "process_group")
+    if allreduce not in ALLREDUCE_CHOICES:
+        raise ValueError(
+            f"{ALLREDUCE_ENV}={allreduce!r} is invalid: choose one of {', '.join(ALLREDUCE_CHOICES)}"
+        )
     return [
-        RankSpec(rank, world_size, port, tuple(cpu_shares[rank]), gpus[rank]) for rank in range(world_size)
+        RankSpec(rank, world_size, port, tuple(cpu_shares[rank]), gpus[rank], allreduce)
+        for rank in range(world_size)
     ]
 
 

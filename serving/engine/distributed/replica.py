@@ -82,12 +82,14 @@ def _serve(conn: Connection) -> int:
                 conn.poll(GATHER_WAIT_S)
                 continue
             observe(engine.last_step_seconds)
-            if outputs:
-                conn.send(("out", outputs))
-            dirty = True
-            if time.monotonic() - last_push >= METRICS_INTERVAL_S:
+            # Metrics go first when the replica falls idle, so a client that saw its last token scrapes them.
+            if not engine.has_unfinished() or time.monotonic() - last_push >= METRICS_INTERVAL_S:
                 push()
                 last_push, dirty = time.monotonic(), False
+            else:
+                dirty = True
+            if outputs:
+                conn.send(("out", outputs))
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
@@ -113,4 +115,7 @@ def _apply(engine: Any, conn: Connection, message: tuple[Any, ...]) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown (seconds with torch loaded): the parent waits for us

@@ -11,6 +11,7 @@ replica is split across its ranks.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import threading
 import time
@@ -32,9 +33,19 @@ def dist_backend(device: torch.device) -> str:
 
 
 def init_tensor_parallel(device: torch.device) -> None:
-    """deepspeed.comm over the RANK/WORLD_SIZE/MASTER_* environment (set by placement.RankSpec.env)."""
+    """deepspeed.comm over the RANK/WORLD_SIZE/MASTER_* environment (set by placement.RankSpec.env); its
+    shared-memory all-reduce is switched off unless SERVING_TP_ALLREDUCE=shm (the same on every rank)."""
     import deepspeed
+    import deepspeed.comm.comm as ds_comm
 
+    from serving.engine.distributed.placement import ALLREDUCE_ENV
+
+    _init(deepspeed, device)
+    if os.environ.get(ALLREDUCE_ENV, "shm") != "shm" and ds_comm.cdb is not None:
+        ds_comm.cdb.shm_vector_kernel_level = 0  # DeepSpeed then calls torch.distributed.all_reduce
+
+
+def _init(deepspeed: Any, device: torch.device) -> None:
     deepspeed.init_distributed(
         dist_backend=dist_backend(device), auto_mpi_discovery=False, timeout=DIST_TIMEOUT
     )

@@ -3,6 +3,7 @@ broadcast (a forward pre-hook) and the metrics of the group."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from serving.config import DeploymentConfig
 from serving.engine.distributed.build import RankGroup
 from serving.engine.distributed.metrics import ParallelCollector
+from serving.engine.distributed.placement import ALLREDUCE_ENV
 from serving.engine.distributed.tensor_parallel import AllReduceTimer, StepBroadcaster
 from serving.engine.llm_engine import LLMEngine, eos_token_ids
 from serving.engine.outputs import RequestOutput
@@ -34,6 +36,7 @@ class TensorParallelEngine(LLMEngine):
         self.broadcaster.attach(model)
         self.allreduce = AllReduceTimer()
         self.allreduce.install()
+        self.allreduce_impl = os.environ.get(ALLREDUCE_ENV, "shm")
         self.num_steps = 0
 
     def step(self) -> list[RequestOutput]:

