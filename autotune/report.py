@@ -68,7 +68,8 @@ def importances(study: optuna.Study, names: Sequence[str]) -> dict[str, dict[str
     return out
 
 
-def write_csv(records: Sequence[TrialRecord], names: Sequence[str], on_front: set[int], path: Path) -> Path:
+def write_csv(records: Sequence[TrialRecord], on_front: set[int], path: Path) -> Path:
+    """One row per trial: state, sampled values, every metric, the reason (the MLflow parent's table)."""
     params = sorted({k for r in records for k in r.params})
     metrics = sorted({k for r in records for k in r.metrics})
     with path.open("w", newline="") as handle:
@@ -107,7 +108,7 @@ def write_report(
     front_records = front(records, directions)
     on_front = {r.number for r in front_records}
     files = ReportFiles(
-        directory, directory / "report.html", write_csv(records, names, on_front, directory / "trials.csv")
+        directory, directory / "report.html", write_csv(records, on_front, directory / "trials.csv")
     )
     files.front = sorted(on_front)
     bounds = {m: b for m, kind, b in objectives.settings.bounds() if kind == "max"}

@@ -3,6 +3,7 @@ write the report and best.yaml and close the tracking run."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
         "model": f"{ctx.base.model.path} ({g.num_params / 1e6:.1f}M params, {g.num_layers} layers)",
         "backend": ctx.base.backend,
         "devices": ctx.devices.describe(),
+        "machine load": "{:.1f} / {:.1f} / {:.1f} (load average 1/5/15 min, at report time)".format(
+            *os.getloadavg()
+        ),
         "search space": str(ctx.space.path),
         "sampler": f"{s.study.sampler} (seed {s.study.seed})",
         "workload": str(s.workload),

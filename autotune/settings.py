@@ -6,6 +6,7 @@ error naming it) and builds the objects. MISSING marks what a config must set.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +69,8 @@ class StudySettings:
             raise ValueError(f"study.n_trials={self.n_trials} is invalid: use 0 or more")
         if self.population_size < 2:
             raise ValueError(f"study.population_size={self.population_size} is invalid: use at least 2")
-        if self.name != MISSING and ("/" in self.name or not self.name.strip()):
-            raise ValueError(f"study.name={self.name!r} is invalid: use a plain name without '/'")
+        if self.name != MISSING and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(f"study.name={self.name!r} is invalid: use letters, digits, '.', '_' or '-'")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from serving.config import ConfigError, DeploymentConfig
+from serving.config import ConfigError, DeploymentConfig, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout holding `serving/`; engine venvs made by scripts/ live next to it."""
@@ -60,6 +60,14 @@ def model_location(config: DeploymentConfig) -> str:
     """A local or shipped model directory as an absolute path, else the hub id as given."""
     local = config.model.resolve_path()
     return str(local.resolve()) if local is not None else config.model.path
+
+
+def tokenizer_location(config: DeploymentConfig) -> str | None:
+    """model.tokenizer resolved like model.path (local dir, shipped name, else hub id); None when unset."""
+    if config.model.tokenizer is None:
+        return None
+    local = ModelConfig(path=config.model.tokenizer).resolve_path()
+    return str(local.resolve()) if local is not None else config.model.tokenizer
 
 
 def uses_cpu(config: DeploymentConfig) -> bool:

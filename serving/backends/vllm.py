@@ -25,6 +25,7 @@ from serving.backends.engine_support import (
     model_location,
     omp_bind_mask,
     require_executable,
+    tokenizer_location,
     uses_cpu,
 )
 from serving.config import ConfigError, DeploymentConfig
@@ -136,8 +137,9 @@ class VLLMBackend(ServingBackend):
             "--port", str(port),
             "--uvicorn-log-level", config.server.log_level,
         ]  # fmt: skip
-        if model.tokenizer is not None:
-            args += ["--tokenizer", model.tokenizer]
+        tokenizer = tokenizer_location(config)
+        if tokenizer is not None:
+            args += ["--tokenizer", tokenizer]
         if config.precision.quantization != "none":
             args += ["--quantization", QUANTIZATION_GPU[config.precision.quantization]]
         if uses_cpu(config):

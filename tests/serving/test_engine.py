@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +23,15 @@ VOCAB = 32000
 def deployment(**flat: Any) -> DeploymentConfig:
     base = {"model.path": "llama-tiny", "model.max_model_len": 128, "cache.block_size": 8, "device": "cpu"}
     return DeploymentConfig.from_flat({**base, **flat})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny model, all overhead: one thread skips OpenMP barriers that dominate (and spin on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -122,14 +122,23 @@ def _equality_run(layout: str) -> dict[str, Any]:
             )
             if hasattr(engine, "depth"):
                 engine.depth = 2 if cfg.scheduler.policy == "continuous" else 1
+            if hasattr(engine, "peak_inflight"):
+                engine.peak_inflight = 0
             got = engine.generate(prompts, greedy)
             results[name] = {
                 "ref": ref,
                 "got": got,
                 "free": engine.block_manager.num_free_blocks,
                 "total": engine.block_manager.num_blocks,
+                "peak_inflight": getattr(engine, "peak_inflight", None),
             }
         if hasattr(engine, "inflight"):
+            # Seeded sampling: the last stage sends these rows' logits back; rank 0 samples them.
+            seeded = [
+                SamplingParams(max_tokens=NUM_TOKENS, temperature=0.8, seed=i) for i in range(len(prompts))
+            ]
+            ref = LLMEngine.from_config(cfg).generate(prompts, seeded)
+            results["seeded"] = {"ref": ref, "got": engine.generate(prompts, seeded)}
             results["stage_steps"] = [meter.count for meter in engine.group.busy]
     finally:
         engine.close()
@@ -150,6 +159,9 @@ def test_parallel_engine_matches_one_rank_under_every_policy(layout: str) -> Non
         assert r["free"] == r["total"], f"{layout} {policy}: KV blocks leaked"
     if layout == "pp2":
         assert min(results["stage_steps"]) > 0
+        assert results["continuous"]["peak_inflight"] == 2, "micro-batches never overlapped"
+        assert results["request"]["peak_inflight"] == 1
+        assert results["seeded"]["got"] == results["seeded"]["ref"], "seeded sampling differs"
 
 
 # --- data parallel and rank death, through the real server ---------------------------------------

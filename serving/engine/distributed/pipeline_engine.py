@@ -11,7 +11,6 @@ their batches are defined to wait for each other. scheduler.max_num_seqs bounds 
 from __future__ import annotations
 
 import itertools
-import pickle
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from serving.engine.distributed.pipeline import (
     run_stage,
     tag,
 )
+from serving.engine.distributed.step_codec import encode
 from serving.engine.distributed.tensor_parallel import strip_caches
 from serving.engine.llm_engine import LLMEngine, eos_token_ids
 from serving.engine.model_runner import ModelRunner, model_dtype
@@ -121,7 +121,7 @@ class PipelineRunner(ModelRunner):
         random_rows = [i for i, r in enumerate(sampling_rows) if not r.seq.params.greedy]
         shape = (1, len(input_ids), self.hidden_size)
         message = ("stage", mb_id, shape, self.dtype, strip_caches(kwargs), random_rows)
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode(message)
         for worker in self.group.workers:
             worker.send_bytes(data)
         started = time.perf_counter()
@@ -173,6 +173,8 @@ class PipelineEngine(LLMEngine):
         )
         self.depth = config.parallel.pp if config.scheduler.policy == "continuous" else 1
         self.inflight: deque[MicroBatch] = deque()
+        self.peak_inflight = 0
+        """Most micro-batches in flight at once so far (tests check the stages really overlap)."""
         self._ids = itertools.count()
         self._last_complete = time.perf_counter()
 
@@ -188,6 +190,7 @@ class PipelineEngine(LLMEngine):
             if not self.inflight:
                 self._last_complete = time.perf_counter()
             self.inflight.append(self.runner.launch(out, next(self._ids)))
+            self.peak_inflight = max(self.peak_inflight, len(self.inflight))
         self.last_step_idle = not self.inflight
         if not self.inflight:
             return []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ import torch
 
 from serving.engine.attention import METADATA_KWARG
 from serving.engine.distributed.process import Child
+from serving.engine.distributed.step_codec import encode
 
 DIST_TIMEOUT = timedelta(minutes=30)
 """Collectives wait this long; a dead rank is caught by the watchdog long before."""
@@ -106,7 +106,7 @@ class StepBroadcaster:
         self.seconds += time.perf_counter() - start
 
     def send(self, message: object) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode(message)
         with self.lock:
             for child in self.followers:
                 child.send_bytes(data)

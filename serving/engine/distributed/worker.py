@@ -43,7 +43,7 @@ def _serve(conn: Connection) -> int:
     conn.send(("ready", ctx.rank))
     with torch.inference_mode():
         if config.parallel.tp > 1:
-            _follow_tensor_parallel(conn, model, caches)
+            _follow_tensor_parallel(conn, model, caches, ctx.device)
         else:
             _run_pipeline_stage(conn, model, caches, ctx.rank, config.parallel.pp, ctx.device)
     return 0
@@ -58,13 +58,14 @@ def _yaml(text: str) -> dict[str, Any]:
     return data
 
 
-def _follow_tensor_parallel(conn: Connection, model: Any, caches: Any) -> None:
+def _follow_tensor_parallel(conn: Connection, model: Any, caches: Any, device: Any) -> None:
     from serving.engine.distributed.busy import BusyMeter
+    from serving.engine.distributed.step_codec import decode
     from serving.engine.distributed.tensor_parallel import attach_caches
 
     busy, last_report = BusyMeter(), time.monotonic()
     while True:
-        message = conn.recv()
+        message = decode(conn.recv_bytes(), device)
         if message[0] == "stop":
             return
         _, args, kwargs = message
@@ -81,13 +82,14 @@ def _run_pipeline_stage(conn: Connection, model: Any, caches: Any, stage: int, p
 
     from serving.engine.distributed.busy import BusyMeter
     from serving.engine.distributed.pipeline import TAG_HIDDEN, TAG_LOGITS, TAG_TOKENS, run_stage, tag
+    from serving.engine.distributed.step_codec import decode
     from serving.engine.distributed.tensor_parallel import attach_caches
 
     last = stage == pp - 1
     busy, last_report = BusyMeter(), time.monotonic()
     pending: list[Any] = []  # isend handles (and their tensors) until complete
     while True:
-        message = conn.recv()
+        message = decode(conn.recv_bytes(), device)
         if message[0] == "stop":
             for work, _ in pending:
                 work.wait()

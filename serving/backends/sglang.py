@@ -1,0 +1,154 @@
+"""The SGLang backend: a DeploymentConfig as `python -m sglang.launch_server` flags and environment.
+
+Flags checked against SGLang's python/sglang/srt/server_args.py (ServerArgs; sgl-project/sglang at
+001067f). SGLang lives in its own venv; environment read when the command is built:
+  SERVING_SGLANG_PYTHON      the interpreter (default <repo>/.venv-sglang/bin/python)
+  SERVING_SGLANG_EXTRA_ARGS  extra flags, shell-split (e.g. "--disable-cuda-graph"); no mapped flag twice.
+SGLang has no KV budget in bytes: cache.kv_cache_memory_gb becomes --max-total-tokens (the token pool)
+from the model's geometry. Knobs SGLang does not have are refused by validate(), naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from serving.backends.base import ServingBackend
+from serving.backends.engine_support import (
+    REPO_ROOT,
+    check_no_overlap,
+    engine_python,
+    extra_args,
+    kv_bytes_per_token,
+    model_location,
+    omp_bind_mask,
+    require_executable,
+    tokenizer_location,
+    uses_cpu,
+)
+from serving.config import ConfigError, DeploymentConfig
+
+PYTHON_ENV = "SERVING_SGLANG_PYTHON"
+EXTRA_ARGS_ENV = "SERVING_SGLANG_EXTRA_ARGS"
+DEFAULT_PYTHON = REPO_ROOT / ".venv-sglang" / "bin" / "python"
+ENTRYPOINT = "sglang.launch_server"
+
+ATTENTION = {"sdpa": "torch_native"}
+"""Our attention names SGLang has under another name; `paged` leaves SGLang's own pick (FlashInfer, FA3,
+Intel AMX...): every SGLang backend reads its paged token pool."""
+DP_ROUTING = {"least_outstanding": "total_requests", "round_robin": "round_robin"}
+"""parallel.dp_routing -> --load-balance-method."""
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class SGLangBackend(ServingBackend):
+    name = "sglang"
+
+    def __init__(self, *, python: Path | None = None, extra: Sequence[str] | None = None) -> None:
+        """python / extra override SERVING_SGLANG_PYTHON / SERVING_SGLANG_EXTRA_ARGS."""
+        self._python = python
+        self._extra = list(extra) if extra is not None else None
+
+    @property
+    def python(self) -> Path:
+        return self._python or engine_python(PYTHON_ENV, DEFAULT_PYTHON)
+
+    def validate(self, config: DeploymentConfig) -> None:
+        """SGLang batches continuously (RadixAttention over a paged token pool)."""
+        if config.backend != self.name:
+            raise ConfigError(f"backend={config.backend!r} handed to the SGLang backend; use get_backend()")
+        problems = []
+        if config.scheduler.policy != "continuous":
+            problems.append(
+                f"scheduler.policy={config.scheduler.policy!r}: SGLang only batches continuously; "
+                "use scheduler.policy=continuous or backend=builtin"
+            )
+        if config.scheduler.queue_order == "sjf":
+            problems.append(
+                "scheduler.queue_order='sjf': SGLang's --schedule-policy has no shortest-prompt-first "
+                "(it has fcfs, lpm, lof, random, dfs-weight); use fcfs or priority"
+            )
+        if config.attention == "eager":
+            problems.append("attention='eager': SGLang has no unfused attention; use paged or sdpa")
+        if config.precision.quantization != "none":
+            problems.append(
+                f"precision.quantization={config.precision.quantization!r}: SGLang quantises in flight only "
+                "to fp8 (not a DeploymentConfig choice); int8/int4/bitsandbytes need a pre-quantised "
+                "checkpoint; use precision.quantization=none"
+            )
+        if config.server.log_level not in LOG_LEVELS:
+            problems.append(
+                f"server.log_level={config.server.log_level!r}: SGLang's --log-level takes "
+                f"{', '.join(LOG_LEVELS)}"
+            )
+        try:
+            kv_pool_tokens(config)
+        except ConfigError as err:
+            problems.append(str(err).removeprefix("backend 'sglang': "))
+        if problems:
+            raise ConfigError("backend 'sglang' cannot honour: " + "; ".join(problems))
+
+    def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
+        if config_path is not None:
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(config.to_yaml())
+        mapped = self.engine_args(config, port)
+        extra = extra_args(EXTRA_ARGS_ENV, self._extra)
+        check_no_overlap(extra, mapped, self.name, EXTRA_ARGS_ENV)
+        return [str(self.python), "-m", ENTRYPOINT, *mapped, *extra]
+
+    def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:
+        """The DeploymentConfig as SGLang ServerArgs flags (every field is here or refused by validate())."""
+        model, par, sched = config.model, config.parallel, config.scheduler
+        args = [
+            "--model-path", model_location(config),
+            "--served-model-name", model.name,
+            "--load-format", model.load_format,
+            "--random-seed", str(model.seed),
+            "--context-length", str(model.max_model_len),
+            "--tp-size", str(par.tp),
+            "--pp-size", str(par.pp),
+            "--dp-size", str(par.dp),
+            "--load-balance-method", DP_ROUTING[par.dp_routing],
+            "--dtype", config.precision.dtype,
+            "--max-running-requests", str(sched.max_num_seqs),
+            "--max-prefill-tokens", str(sched.max_num_batched_tokens),
+            "--chunked-prefill-size", str(sched.max_num_batched_tokens if sched.chunked_prefill else -1),
+            "--schedule-policy", "fcfs",
+            "--page-size", str(config.cache.block_size),
+            "--max-total-tokens", str(kv_pool_tokens(config)),
+            "--host", config.server.host,
+            "--port", str(port),
+            "--log-level", config.server.log_level,
+            "--enable-metrics",
+        ]  # fmt: skip
+        if sched.queue_order == "priority":  # lower value first, as the builtin engine and vLLM
+            args += ["--enable-priority-scheduling", "--schedule-low-priority-values-first"]
+        tokenizer = tokenizer_location(config)
+        if tokenizer is not None:
+            args += ["--tokenizer-path", tokenizer]
+        if config.attention in ATTENTION:
+            args += ["--attention-backend", ATTENTION[config.attention]]
+        if config.device != "auto":
+            args += ["--device", config.device]
+        return args
+
+    def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:
+        """On CPU: SGLang's CPU engine and one OpenMP core list per rank."""
+        require_executable(self.python, self.name, PYTHON_ENV, "install sglang into .venv-sglang")
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        if uses_cpu(config):
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = omp_bind_mask(config, cpus)
+        return env
+
+
+def kv_pool_tokens(config: DeploymentConfig) -> int:
+    """--max-total-tokens: how many tokens cache.kv_cache_memory_gb holds for this model and dtype."""
+    tokens = int(config.cache.kv_cache_memory_gb * 2**30 // kv_bytes_per_token(config))
+    if tokens < config.model.max_model_len:
+        raise ConfigError(
+            f"backend 'sglang': cache.kv_cache_memory_gb={config.cache.kv_cache_memory_gb} holds {tokens} "
+            f"tokens, fewer than model.max_model_len={config.model.max_model_len}; raise it"
+        )
+    return tokens

@@ -1,0 +1,132 @@
+"""Many workers, one study, on a real PostgreSQL server (scripts/start_postgres.sh starts a private cluster).
+
+Two `autotune worker` processes join one study: every configuration is measured once, no trial is left
+behind in RUNNING, both workers measure, and the front is computed from both.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autotune import results as R
+
+pytestmark = pytest.mark.postgres
+
+REPO = Path(__file__).resolve().parents[2]
+START = REPO / "scripts" / "start_postgres.sh"
+STOP = REPO / "scripts" / "stop_postgres.sh"
+
+TINY = [
+    "conf=chat",
+    "model=llama-tiny",
+    "workload.prefix_len=8",
+    "workload.input_len.mean=24",
+    "workload.output_len.mean=6",
+    "arrival.num_requests=6",
+    "arrival.rate=30",
+    "arrival.warmup_requests=1",
+    "study.live=off",
+    "tracking=none",
+]
+
+
+def _running(url: str) -> bool:
+    import psycopg  # SQLAlchemy 2.1's default driver for postgresql:// URLs
+
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """The cluster's URL; a cluster this fixture had to start is stopped again afterwards."""
+    first = subprocess.run([str(START)], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, f"start_postgres.sh failed:\n{first.stderr}"
+    url = first.stdout.strip().splitlines()[-1]
+    started_here = "already running" not in first.stderr
+    assert _running(url)
+    again = subprocess.run([str(START)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.strip() == url  # idempotent: same cluster, same URL
+    try:
+        yield url
+    finally:
+        if started_here:
+            subprocess.run([str(STOP)], capture_output=True, timeout=120, check=True)
+
+
+def test_optuna_rdb_storage_creates_and_loads_a_study(postgres_url: str) -> None:
+    name = f"rdb-{uuid.uuid4().hex[:8]}"
+    storage = optuna.storages.RDBStorage(postgres_url)
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+    study.tell(study.ask(), [1.0, 2.0])
+    loaded = optuna.load_study(study_name=name, storage=postgres_url)
+    assert [t.values for t in loaded.get_trials()] == [[1.0, 2.0]]
+    optuna.delete_study(study_name=name, storage=storage)
+
+
+def _worker(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "autotune.cli", "worker", *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            start_new_session=True,
+        )
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
+    n_trials = 4
+    study_args = [*TINY, f"study.name=pg-{uuid.uuid4().hex[:8]}", f"study.storage={postgres_url}"]
+    args = [*study_args, f"study.n_trials={n_trials}"]
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+    workers = [_worker(args, tmp_path / f"w{i}", tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        codes = [w.wait(timeout=900) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, 9)
+                w.wait()
+    logs = "\n".join((tmp_path / f"worker{i}.log").read_text(errors="replace")[-3000:] for i in range(2))
+    assert codes == [0, 0], logs
+
+    study = optuna.load_study(study_name=study_args[-2].split("=", 1)[1], storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], "a trial was left RUNNING"
+    measured = [t for t in trials if t.user_attrs.get(R.MEASURED)]
+    keys = [t.user_attrs[R.CONFIG_KEY] for t in measured]
+    assert len(keys) == len(set(keys)), f"a configuration was measured twice: {keys}"
+    # each worker stops once n_trials are measured in total; one may be mid-trial then (at most +1)
+    assert n_trials <= len(measured) <= n_trials + 1, logs
+    owners = {t.user_attrs[R.OWNER] for t in measured}
+    assert len(owners) == 2, f"both workers should have measured a trial, owners: {owners}"
+    assert any(t.state == TrialState.COMPLETE for t in measured), logs
+
+    best = tmp_path / "best.yaml"
+    export_args = [*study_args, "export.policy=knee", f"export.output={best}"]
+    export = subprocess.run(
+        [sys.executable, "-m", "autotune.cli", "export", *export_args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert export.returncode == 0, export.stdout + export.stderr
+    assert "deployment:" in best.read_text()
