@@ -3,9 +3,11 @@ write the report and best.yaml and close the tracking run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,21 @@ from autotune.report import ReportFiles, write_report
 from autotune.results import TrialRecord
 from autotune.space import SpaceError
 from serving.config import ConfigError
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a batch system, `kill`) ends the study like Ctrl-C: the running server is stopped, the
+    trial is marked retryable, the report is written."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from autotune.live import LiveView
 from autotune.report import ReportFiles
 from autotune.results import load_records
-from autotune.session import Session, finish, start
+from autotune.session import Session, finish, sigterm_as_interrupt, start
 from autotune.study import StudyLoop, open_study
 from autotune.tracking import make_tracker
 
@@ -46,7 +46,8 @@ def run_session(session: Session) -> int:
     observers = [view, *([tracker] if tracker else [])]
     interrupted = False
     try:
-        records = StudyLoop(ctx, study, observers).run()
+        with sigterm_as_interrupt():
+            records = StudyLoop(ctx, study, observers).run()
     except KeyboardInterrupt:
         interrupted = True
         records = load_records(study)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from autotune.live import LiveView
-from autotune.session import start
+from autotune.session import sigterm_as_interrupt, start
 from autotune.study import StudyLoop, open_study
 from autotune.tracking import make_tracker
 
@@ -33,7 +33,8 @@ def main(argv: Sequence[str]) -> int:
     tracker = make_tracker(ctx.settings.tracking, study_name=ctx.name, resolved_config=session.resolved_yaml)
     observers = [LiveView(ctx.objectives, mode=ctx.settings.study.live), *([tracker] if tracker else [])]
     try:
-        StudyLoop(ctx, study, observers).run()
+        with sigterm_as_interrupt():
+            StudyLoop(ctx, study, observers).run()
     except KeyboardInterrupt:
         print("\nautotune worker: interrupted", file=sys.stderr)
         return 130

@@ -137,3 +137,48 @@ def test_a_server_that_cannot_start_fails_the_trial_with_its_reason(tmp_path: Pa
     assert not outcome.ok and outcome.reason
     assert "ServerStartError" in outcome.reason or "exit" in outcome.reason
     assert outcome.log_path.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume(tmp_path: Path) -> None:
+    import optuna
+    import psutil
+
+    from autotune import results as R
+
+    args = [*TINY, "study.name=cut", "study.n_trials=1", "tracking=none"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", "run", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log = tmp_path / "runs/cut/trials/0000/server.log"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and "ready" in log.read_text(errors="replace")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the trial's server never got ready"
+        time.sleep(0.3)
+    server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode(errors="replace")
+    assert proc.returncode == 130, output
+    assert not [
+        pid
+        for pid in server_pids
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ], "a server outlived the run"
+
+    storage = f"sqlite:///{tmp_path / 'runs/cut/study.db'}"
+    first = optuna.load_study(study_name="cut", storage=storage).trials[0]
+    assert first.state.name == "FAIL" and first.user_attrs[R.RETRYABLE] is True
+    interrupted = first.user_attrs[R.CONFIG_KEY]
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "autotune.cli", "run", *args], cwd=tmp_path, capture_output=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stdout.decode(errors="replace")
+    trials = optuna.load_study(study_name="cut", storage=storage).trials
+    measured = [t for t in trials if t.user_attrs.get(R.MEASURED) and not t.user_attrs.get(R.RETRYABLE)]
+    assert len(measured) == 1 and measured[0].state.name == "COMPLETE"
+    assert measured[0].user_attrs[R.CONFIG_KEY] == interrupted  # the interrupted config went first again

@@ -166,3 +166,16 @@ async def test_a_dead_step_loop_fails_streams_and_health(model: torch.nn.Module)
     with pytest.raises(EngineDeadError):
         await collect(engine, "y", [1, 2, 3], SamplingParams(max_tokens=3))
     await engine.shutdown()
+
+
+async def test_from_config_loads_the_shipped_model_and_tokenizer() -> None:
+    engine = AsyncEngine.from_config(deployment(**{"cache.kv_cache_memory_gb": 0.01}))
+    assert engine.model_name == "llama-tiny" and engine.max_model_len == 256
+    assert engine.stats().kv_blocks_total == int(0.01 * 1024**3) // (8 * 512)
+    await engine.start()
+    try:
+        ids = engine.tokenizer.encode("Hello there")
+        tokens = await collect(engine, "hello", ids, SamplingParams(max_tokens=4, ignore_eos=True))
+        assert len(tokens) == 4
+    finally:
+        await engine.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -95,6 +96,56 @@ def test_cores_and_layers_are_split_evenly() -> None:
     assert split_cpus([0, 1], 4) == [[0], [1], [0], [1]]  # oversubscribed: one core each, shared
     assert stage_ranges(8, 3) == [(0, 3), (3, 6), (6, 8)]
     assert stage_ranges(2, 2) == [(0, 1), (1, 2)]
+
+
+def test_step_codec_round_trips_attention_metadata() -> None:
+    import torch
+
+    from serving.engine.attention_metadata import build_metadata
+    from serving.engine.distributed.step_codec import decode, encode
+
+    caches = [(torch.zeros(64, 1, 8), torch.zeros(64, 1, 8))]
+    for backend in ("eager", "sdpa", "paged"):
+        meta = build_metadata(
+            backend,
+            caches,
+            16,
+            starts=[20, 0],
+            query_lens=[1, 5],
+            block_tables=[[1, 2], [3]],
+            num_decode=1,
+            device=torch.device("cpu"),
+        )
+        meta.kv_caches = []
+        back = decode(encode(("step", (), {"meta": meta, "flag": False})), torch.device("cpu"))
+        assert back[0] == "step" and back[2]["flag"] is False
+        got = back[2]["meta"]
+        assert type(got) is type(meta)
+        for name, value in vars(meta).items():
+            other = getattr(got, name)
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other) and value.dtype == other.dtype, name
+    assert decode(pickle.dumps(("stop",)), torch.device("cpu")) == ("stop",)
+
+
+@pytest.mark.parametrize("routing", ["least_outstanding", "round_robin"])
+def test_front_end_routing(routing: str) -> None:
+    from serving.engine.distributed.data_parallel import DataParallelEngine, Replica
+
+    replicas = [Replica(i, child=None) for i in range(3)]  # type: ignore[arg-type]  # routing needs no process
+    for replica in replicas:
+        replica.vocab_size = 32000
+    engine = DataParallelEngine(config(**{"parallel.dp_routing": routing}), replicas, tokenizer=None)
+    picks = []
+    for i in range(6):
+        chosen = engine._route()
+        picks.append(chosen.index)
+        if i < 2:
+            chosen.outstanding.add(f"long-{i}")  # replicas 0 and 1 stay busy
+    if routing == "round_robin":
+        assert picks == [0, 1, 2, 0, 1, 2]
+    else:
+        assert picks == [0, 1, 2, 2, 2, 2], picks  # 0 and 1 keep one request each, 2 stays free
 
 
 # --- greedy equality, tensor and pipeline parallel --------------------------------------------

@@ -70,14 +70,15 @@ def load_rank_model(
 
     model: torch.nn.Module = load_model(config, attn_implementation_name(config.attention), ctx.device)
     num_blocks = replica_num_blocks(config, model)
-    start, num_layers = 0, len(_layers(model))
+    start, num_layers = 0, 0
     if config.parallel.tp > 1:
         from serving.engine.distributed.tensor_parallel import shard_model
 
         model = shard_model(model, config.parallel.tp, TORCH_DTYPES[config.precision.dtype])
     else:
-        from serving.engine.distributed.pipeline import make_stage
+        from serving.engine.distributed.pipeline import decoder_of, make_stage
 
+        num_layers = len(decoder_of(model).layers)
         start, _ = make_stage(model, ctx.rank, config.parallel.pp)
     runner = ModelRunner(
         model,
@@ -92,12 +93,6 @@ def load_rank_model(
 
         caches = global_caches(caches, start, num_layers)
     return model, caches
-
-
-def _layers(model: torch.nn.Module) -> Any:
-    from serving.engine.distributed.pipeline import decoder_of
-
-    return decoder_of(model).layers
 
 
 def replica_num_blocks(config: DeploymentConfig, model: torch.nn.Module) -> int:
