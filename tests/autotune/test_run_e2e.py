@@ -146,7 +146,12 @@ def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume
 
     from autotune import results as R
 
-    args = [*TINY, "study.name=cut", "study.n_trials=1", "tracking=none"]
+    space = tmp_path / "space.yaml"  # no seeds: the interrupted config is the only one queued
+    space.write_text(
+        "dimensions:\n  scheduler.policy: {type: categorical, choices: [request, static, continuous]}\n"
+        "  scheduler.max_num_seqs: {type: int, low: 2, high: 16}\n"
+    )
+    args = [*TINY, "study.name=cut", "study.n_trials=1", "tracking=none", f"search.space={space}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "autotune.cli", "run", *args],
         cwd=tmp_path,
