@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "llama-57m"
-    """A local Hugging Face directory, the name of a model shipped in serving/models, or a hub id in the cache."""
+    """A local Hugging Face directory, a model shipped in serving/models, or a hub id in the local cache."""
     load_format: LoadFormat = "dummy"
     """`auto` reads the weights; `dummy` builds seeded random weights from config.json (as vLLM's)."""
     seed: int = 0
@@ -123,7 +123,8 @@ class SchedulerConfig:
         _require(self.batch_wait_ms >= 0, "scheduler.batch_wait_ms", self.batch_wait_ms, "use >= 0")
         if self.chunked_prefill and self.policy != "continuous":
             raise ConfigError(
-                f"scheduler.chunked_prefill=true needs scheduler.policy=continuous, got policy={self.policy!r}"
+                "scheduler.chunked_prefill=true needs scheduler.policy=continuous, "
+                f"got policy={self.policy!r}"
             )
 
 
@@ -159,7 +160,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class DeploymentConfig:
-    """One servable deployment: what the tuner samples, MLflow logs, best.yaml stores and `serving launch` runs."""
+    """One deployment: what the tuner samples, MLflow logs, best.yaml stores and `serving launch` runs."""
 
     backend: Backend = "builtin"
     """Serving engine: our builtin engine, vLLM or SGLang."""
