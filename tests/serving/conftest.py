@@ -6,6 +6,7 @@ Fixtures other test files may use:
   startup_timeout  seconds to allow a server to become healthy on a busy machine
   tiny_server      one healthy ServerProcess per test module (stopped at the module's end)
   start_server     a factory: start_server(**dotted_overrides) -> healthy ServerProcess (stopped after)
+  fake_python      an executable stand-in for an engine's interpreter (backends check it exists)
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def make_config() -> Callable[..., DeploymentConfig]:
 @pytest.fixture(scope="session")
 def startup_timeout() -> float:
     return STARTUP_TIMEOUT_S
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> Path:
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    return python
 
 
 @pytest.fixture(scope="module")

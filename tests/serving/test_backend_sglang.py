@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,11 +164,8 @@ def test_extra_args_may_not_override_a_mapped_knob() -> None:
         SGLangBackend(extra=["--tp-size", "4"]).command(sglang_config(), 30001)
 
 
-def test_cpu_env_enables_the_cpu_engine_and_binds_ranks(tmp_path: Any) -> None:
-    python = tmp_path / "python"
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
-    env = SGLangBackend(python=python).env(sglang_config(**{"device": "cpu", "parallel.tp": 2}), [0, 1])
+def test_cpu_env_enables_the_cpu_engine_and_binds_ranks(fake_python: Path) -> None:
+    env = SGLangBackend(python=fake_python).env(sglang_config(**{"device": "cpu", "parallel.tp": 2}), [0, 1])
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
 

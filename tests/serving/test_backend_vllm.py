@@ -162,22 +162,20 @@ def test_on_cuda_nf4_is_in_flight_bitsandbytes_and_small_blocks_are_fine() -> No
     ],
 )
 def test_env_binds_one_core_list_per_rank(
-    parallel: dict[str, Any], cpus: list[int], mask: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    parallel: dict[str, Any],
+    cpus: list[int],
+    mask: str,
+    fake_python: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    python = tmp_path / "python"
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
-    env = VLLMBackend(python=python).env(vllm_config(**parallel), cpus)
+    env = VLLMBackend(python=fake_python).env(vllm_config(**parallel), cpus)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == mask
 
 
-def test_env_refuses_more_ranks_than_cores_unless_oversubscribed(tmp_path: Path) -> None:
-    python = tmp_path / "python"
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
+def test_env_refuses_more_ranks_than_cores_unless_oversubscribed(fake_python: Path) -> None:
     with pytest.raises(ConfigError, match=r"parallel\.oversubscribe"):
-        VLLMBackend(python=python).env(vllm_config(**{"parallel.tp": 2}), [0])
+        VLLMBackend(python=fake_python).env(vllm_config(**{"parallel.tp": 2}), [0])
 
 
 def test_env_names_the_setup_script_when_vllm_is_missing(tmp_path: Path) -> None:
@@ -185,13 +183,10 @@ def test_env_names_the_setup_script_when_vllm_is_missing(tmp_path: Path) -> None
         VLLMBackend(python=tmp_path / "nope" / "python").env(vllm_config(), [0, 1])
 
 
-def test_env_refuses_an_inherited_kv_cache_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    python = tmp_path / "python"
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
+def test_env_refuses_an_inherited_kv_cache_space(fake_python: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     with pytest.raises(ConfigError, match="VLLM_CPU_KVCACHE_SPACE"):
-        VLLMBackend(python=python).env(vllm_config(), [0, 1])
+        VLLMBackend(python=fake_python).env(vllm_config(), [0, 1])
 
 
 def test_id_ranges_are_compact() -> None:
