@@ -12,7 +12,6 @@ A file has four sections; everything else is rejected by name:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
 import types
@@ -27,7 +26,7 @@ import yaml
 
 from autotune.constraints import RULES
 from autotune.paths import SEARCH_SPACES_DIR
-from serving.config import ConfigError, DeploymentConfig
+from serving.config import ConfigError, DeploymentConfig, closest_key, flatten
 
 Kind = Literal["categorical", "int", "float"]
 SECTIONS = ("description", "base", "dimensions", "constraints", "seeds")
@@ -299,8 +298,8 @@ def parse_space(data: Any, path: Path) -> SearchSpace:
 
 
 def _hint(key: str, known: Sequence[str] | Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest_key(key, known)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _check_key(key: str, where: str, fail: Any) -> Any:
@@ -312,16 +311,7 @@ def _check_key(key: str, where: str, fail: Any) -> Any:
 def _parse_base(raw: Any, fail: Any) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise fail("base", "expected a mapping of dotted deployment keys to values")
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Mapping[str, Any]) -> None:
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(f"{prefix}{key}.", value)
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk("", raw)
+    flat = flatten(raw)
     for key, value in flat.items():
         hint = _check_key(key, f"base.{key}", fail)
         if not _value_fits(hint, value):

@@ -231,17 +231,7 @@ class DeploymentConfig:
 
     def to_flat(self) -> dict[str, Any]:
         """Dotted keys to plain values: the MLflow params of a trial."""
-        flat: dict[str, Any] = {}
-
-        def walk(prefix: str, node: Mapping[str, Any]) -> None:
-            for key, value in node.items():
-                if isinstance(value, Mapping):
-                    walk(f"{prefix}{key}.", value)
-                else:
-                    flat[f"{prefix}{key}"] = value
-
-        walk("", self.to_dict())
-        return flat
+        return flatten(self.to_dict())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -264,9 +254,30 @@ def _require(ok: bool, name: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}")
 
 
-def _unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
+def flatten(node: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested mappings as dotted keys to leaf values ({"a": {"b": 1}} -> {"a.b": 1})."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", node)
+    return flat
+
+
+def closest_key(key: str, known: typing.Iterable[str]) -> str | None:
+    """The known key a misspelled `key` most likely meant, for "did you mean" hints (None: none close)."""
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
+
+
+def _unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
+    close = closest_key(key, known)
+    hint = f"; did you mean {close!r}?" if close else ""
     return f"unknown key {key!r}{hint} (known: {', '.join(sorted(known))})"
 
 

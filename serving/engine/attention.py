@@ -24,16 +24,21 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from serving.config import AttentionBackend
-from serving.engine.attention_metadata import AttentionMetadata
+from serving.engine.attention_metadata import AttentionMetadata, PaddedBatch
 
 METADATA_KWARG = "paged_attention_metadata"
 """Keyword the runner passes to model(...); transformers hands it through to the attention function."""
 
 
-def _write_cache(meta: AttentionMetadata, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+def _cached_kv(
+    module: Any, kwargs: dict[str, Any], key: torch.Tensor, value: torch.Tensor
+) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Write the step's key/value into this layer's cache at the step's slots; the metadata and the cache."""
+    meta, layer = _metadata(module, kwargs)
     k_cache, v_cache = meta.kv_caches[layer]
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+    return meta, k_cache, v_cache
 
 
 def _metadata(layer: Any, kwargs: dict[str, Any]) -> tuple[AttentionMetadata, int]:
@@ -57,9 +62,7 @@ def eager_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Reference: per sequence, scores = q k^T * scale, causal mask by position, softmax, times v."""
-    meta, layer = _metadata(module, kwargs)
-    _write_cache(meta, layer, key, value)
-    k_cache, v_cache = meta.kv_caches[layer]
+    meta, k_cache, v_cache = _cached_kv(module, kwargs, key, value)
     num_heads, head_dim = query.shape[1], query.shape[3]
     group = num_heads // k_cache.shape[1]
     scale = scaling if scaling is not None else head_dim**-0.5
@@ -90,17 +93,20 @@ def sdpa_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """One SDPA over sequences padded to [B, max query, max context]; padding rows are dropped after."""
-    meta, layer = _metadata(module, kwargs)
-    _write_cache(meta, layer, key, value)
-    k_cache, v_cache = meta.kv_caches[layer]
-    pad = meta.padded_batch()
+    meta, k_cache, v_cache = _cached_kv(module, kwargs, key, value)
+    return _padded_sdpa(query, k_cache, v_cache, meta.padded_batch(), scaling).unsqueeze(0), None
+
+
+def _padded_sdpa(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pad: PaddedBatch, scaling: float | None
+) -> torch.Tensor:
+    """SDPA over the rows `pad` gathers into [B, max query, max context]; the real rows as [N, H, D]."""
     num_heads, head_dim = query.shape[1], query.shape[3]
     q = query[0].transpose(0, 1)[pad.query_index].transpose(1, 2)  # [B, H, Qmax, D]
     k = k_cache[pad.key_slots].transpose(1, 2)  # [B, KVH, Lmax, D]
     v = v_cache[pad.key_slots].transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.mask, scale=scaling, enable_gqa=True)
-    o = o.transpose(1, 2).reshape(-1, num_heads, head_dim).index_select(0, pad.output_index)
-    return o.unsqueeze(0), None
+    return o.transpose(1, 2).reshape(-1, num_heads, head_dim).index_select(0, pad.output_index)
 
 
 def paged_attention(
@@ -114,9 +120,7 @@ def paged_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Decode rows (first in the batch) through block tables; prefill rows as their own padded batch."""
-    meta, layer = _metadata(module, kwargs)
-    _write_cache(meta, layer, key, value)
-    k_cache, v_cache = meta.kv_caches[layer]
+    meta, k_cache, v_cache = _cached_kv(module, kwargs, key, value)
     paged = meta.paged_batch()
     num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
     block_size = meta.block_size
@@ -133,13 +137,7 @@ def paged_attention(
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         parts.append(o.squeeze(2))  # [Bd, H, D]
     if paged.prefill is not None:
-        pad = paged.prefill
-        q = query[0].transpose(0, 1)[pad.query_index].transpose(1, 2)  # [Bp, H, Qmax, D]
-        k = k_cache[pad.key_slots].transpose(1, 2)  # [Bp, KVH, Lmax, D]
-        v = v_cache[pad.key_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.mask, scale=scaling, enable_gqa=True)
-        num_heads = query.shape[1]
-        parts.append(o.transpose(1, 2).reshape(-1, num_heads, head_dim).index_select(0, pad.output_index))
+        parts.append(_padded_sdpa(query, k_cache, v_cache, paged.prefill, scaling))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     return out.unsqueeze(0), None
 

@@ -24,7 +24,13 @@ from serving.engine.sampling_params import SamplingParams
 from serving.server import errors
 from serving.server.engine_client import EngineClient
 from serving.server.errors import APIError
-from serving.server.generation import GenerationJob, TokenEvent, generate_completion, generate_events
+from serving.server.generation import (
+    Completion,
+    GenerationJob,
+    TokenEvent,
+    generate_completion,
+    generate_events,
+)
 from serving.server.http_metrics import HTTPMetrics, HTTPMetricsMiddleware
 from serving.server.prompts import check_token_ids, encode_chat, encode_text, output_budget
 from serving.server.protocol import (
@@ -132,12 +138,7 @@ def build_app(engine: EngineClient) -> FastAPI:
         ids = ResponseIds("cmpl", state.model_name)
         if req.stream:
             return _stream(state, _completion_chunks(state, job, ids, req))
-        done = await _until_disconnect(request, lambda: generate_completion(state.engine, job))
-        if done is None:
-            state.metrics.finished.labels("disconnect").inc()
-            return Response(status_code=499)
-        state.metrics.finished.labels(done.finish_reason or "none").inc()
-        return JSONResponse(completion_body(ids, done))
+        return await _complete(request, state, job, lambda done: completion_body(ids, done))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -153,12 +154,7 @@ def build_app(engine: EngineClient) -> FastAPI:
         ids = ResponseIds("chatcmpl", state.model_name)
         if req.stream:
             return _stream(state, _chat_chunks(state, job, ids, req))
-        done = await _until_disconnect(request, lambda: generate_completion(state.engine, job))
-        if done is None:
-            state.metrics.finished.labels("disconnect").inc()
-            return Response(status_code=499)
-        state.metrics.finished.labels(done.finish_reason or "none").inc()
-        return JSONResponse(chat_body(ids, done))
+        return await _complete(request, state, job, lambda done: chat_body(ids, done))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -252,6 +248,18 @@ async def _until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) 
     if failure:
         raise _as_api_error(failure[0])
     return result[0] if result else None
+
+
+async def _complete(
+    request: Request, state: ServerState, job: GenerationJob, body: Callable[[Completion], dict[str, Any]]
+) -> Response:
+    """The whole completion as JSON (499 if the client goes away first), counted by how it finished."""
+    done = await _until_disconnect(request, lambda: generate_completion(state.engine, job))
+    if done is None:
+        state.metrics.finished.labels("disconnect").inc()
+        return Response(status_code=499)
+    state.metrics.finished.labels(done.finish_reason or "none").inc()
+    return JSONResponse(body(done))
 
 
 def _as_api_error(err: BaseException) -> BaseException:

@@ -51,30 +51,13 @@ class ResponseIds:
 
 
 def completion_chunk(ids: ResponseIds, event: TokenEvent, *, with_usage: bool, continuous: bool) -> str:
-    choice = {
-        "index": 0,
-        "text": event.text,
-        "logprobs": None,
-        "finish_reason": event.finish_reason,
-        "stop_reason": event.stop_reason,
-    }
+    choice = _choice("text", event.text, event)
     return sse(_chunk(ids, "text_completion", choice, event, with_usage, continuous))
 
 
 def completion_body(ids: ResponseIds, done: Completion) -> dict[str, Any]:
-    choice = {
-        "index": 0,
-        "text": done.text,
-        "logprobs": None,
-        "finish_reason": done.finish_reason,
-        "stop_reason": done.stop_reason,
-    }
     return {
-        "id": ids.id,
-        "object": "text_completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [choice],
+        **_envelope(ids, "text_completion", [_choice("text", done.text, done)]),
         "usage": usage(done.num_prompt_tokens, done.num_output_tokens),
     }
 
@@ -86,46 +69,21 @@ def chat_chunk(
     ids: ResponseIds, event: TokenEvent, *, first: bool, with_usage: bool, continuous: bool
 ) -> str:
     delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-    choice = {
-        "index": 0,
-        "delta": delta,
-        "logprobs": None,
-        "finish_reason": event.finish_reason,
-        "stop_reason": event.stop_reason,
-    }
+    choice = _choice("delta", delta, event)
     return sse(_chunk(ids, "chat.completion.chunk", choice, event, with_usage, continuous))
 
 
 def chat_body(ids: ResponseIds, done: Completion) -> dict[str, Any]:
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": done.text},
-        "logprobs": None,
-        "finish_reason": done.finish_reason,
-        "stop_reason": done.stop_reason,
-    }
+    choice = _choice("message", {"role": "assistant", "content": done.text}, done)
     return {
-        "id": ids.id,
-        "object": "chat.completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [choice],
+        **_envelope(ids, "chat.completion", [choice]),
         "usage": usage(done.num_prompt_tokens, done.num_output_tokens),
     }
 
 
 def usage_chunk(ids: ResponseIds, obj: str, num_prompt_tokens: int, num_output_tokens: int) -> str:
     """The last chunk under stream_options.include_usage: no choices, the request's usage."""
-    return sse(
-        {
-            "id": ids.id,
-            "object": obj,
-            "created": ids.created,
-            "model": ids.model,
-            "choices": [],
-            "usage": usage(num_prompt_tokens, num_output_tokens),
-        }
-    )
+    return sse({**_envelope(ids, obj, []), "usage": usage(num_prompt_tokens, num_output_tokens)})
 
 
 def error_event(err: APIError) -> str:
@@ -141,15 +99,25 @@ def _chunk(
     with_usage: bool,
     continuous: bool,
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": ids.id,
-        "object": obj,
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [choice],
-    }
+    chunk = _envelope(ids, obj, [choice])
     if continuous:
         chunk["usage"] = usage(event.num_prompt_tokens, event.num_output_tokens)
     elif with_usage:
         chunk["usage"] = None
     return chunk
+
+
+def _envelope(ids: ResponseIds, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields every body and chunk starts with."""
+    return {"id": ids.id, "object": obj, "created": ids.created, "model": ids.model, "choices": choices}
+
+
+def _choice(key: str, content: Any, ending: TokenEvent | Completion) -> dict[str, Any]:
+    """One choice: its content under `key` (text, delta or message), then how it ended (None until then)."""
+    return {
+        "index": 0,
+        key: content,
+        "logprobs": None,
+        "finish_reason": ending.finish_reason,
+        "stop_reason": ending.stop_reason,
+    }

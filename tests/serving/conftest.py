@@ -6,6 +6,8 @@ Fixtures other test files may use:
   startup_timeout  seconds to allow a server to become healthy on a busy machine
   tiny_server      one healthy ServerProcess per test module (stopped at the module's end)
   start_server     a factory: start_server(**dotted_overrides) -> healthy ServerProcess (stopped after)
+  one_torch_thread torch on one thread for a module (tiny model: OpenMP barriers would dominate)
+  paged_tiny_model llama-tiny on CPU with the paged attention, one per module
   fake_python      an executable stand-in for an engine's interpreter (backends check it exists)
 """
 
@@ -16,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from serving.config import DeploymentConfig
+from serving.engine.attention import attn_implementation_name
+from serving.engine.model_loader import load_model
 from serving.launch import ServerProcess
 
 STARTUP_TIMEOUT_S = 120.0
@@ -57,6 +62,20 @@ def make_config() -> Callable[..., DeploymentConfig]:
 @pytest.fixture(scope="session")
 def startup_timeout() -> float:
     return STARTUP_TIMEOUT_S
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny model, all overhead: one thread skips OpenMP barriers that dominate (and spin on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def paged_tiny_model() -> torch.nn.Module:
+    return load_model(tiny_deployment(device="cpu"), attn_implementation_name("paged"), torch.device("cpu"))
 
 
 @pytest.fixture

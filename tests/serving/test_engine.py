@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from serving.config import ConfigError, DeploymentConfig
-from serving.engine.attention import attn_implementation_name
 from serving.engine.llm_engine import LLMEngine, eos_token_ids
 from serving.engine.model_loader import load_model
 from serving.engine.sampling_params import SamplingParams
@@ -25,18 +23,12 @@ def deployment(**flat: Any) -> DeploymentConfig:
     return DeploymentConfig.from_flat({**base, **flat})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny model, all overhead: one thread skips OpenMP barriers that dominate (and spin on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return load_model(deployment(), attn_implementation_name("paged"), torch.device("cpu"))
+def model(paged_tiny_model: torch.nn.Module) -> torch.nn.Module:
+    return paged_tiny_model
 
 
 @pytest.fixture(scope="module")

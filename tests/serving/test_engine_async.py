@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,9 +13,7 @@ from prometheus_client import generate_latest
 
 from serving.config import DeploymentConfig
 from serving.engine.async_engine import AsyncEngine, EngineDeadError
-from serving.engine.attention import attn_implementation_name
 from serving.engine.llm_engine import LLMEngine, eos_token_ids
-from serving.engine.model_loader import load_model
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
 
@@ -27,18 +25,12 @@ def deployment(**flat: Any) -> DeploymentConfig:
     return DeploymentConfig.from_flat({**base, **flat})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny model, all overhead: one thread skips OpenMP barriers that dominate (and spin on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return load_model(deployment(), attn_implementation_name("paged"), torch.device("cpu"))
+def model(paged_tiny_model: torch.nn.Module) -> torch.nn.Module:
+    return paged_tiny_model
 
 
 async def started(model: torch.nn.Module, num_blocks: int = 64, **flat: Any) -> AsyncEngine:
