@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection, Pipe
 
@@ -86,6 +87,17 @@ def child_setup() -> Connection:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return Connection(int(os.environ[CONN_FD_ENV]))
+
+
+def run_child(serve: Callable[[Connection], int]) -> int:
+    """A child process's main: set up, serve the pipe, and print any crash before exiting 1."""
+    conn = child_setup()
+    try:
+        return serve(conn)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
 
 
 class Watchdog:

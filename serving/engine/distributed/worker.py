@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -19,15 +18,9 @@ REPORT_INTERVAL_S = 0.5
 
 
 def main() -> int:
-    from serving.engine.distributed.process import child_setup
+    from serving.engine.distributed.process import run_child
 
-    conn = child_setup()
-    try:
-        return _serve(conn)
-    except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
-        return 1
+    return run_child(_serve)
 
 
 def _serve(conn: Connection) -> int:
