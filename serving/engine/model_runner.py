@@ -63,12 +63,9 @@ class ModelRunner:
         self._default_generator = torch.Generator(device=device)
         self._default_generator.seed()
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Compute the step; return one sampled token per sampling row, in the scheduler's row order."""
-        order = sorted(range(len(out.scheduled)), key=lambda i: out.scheduled[i].num_tokens != 1)
-        rows = [out.scheduled[i] for i in order]
-        num_decode = sum(r.num_tokens == 1 for r in rows)
+    def step_inputs(self, out: SchedulerOutput) -> tuple[list[ScheduledSequence], dict[str, Any]]:
+        """The step's rows (decodes first) and the model's keyword arguments for their flattened tokens."""
+        rows = sorted(out.scheduled, key=lambda r: r.num_tokens != 1)
         input_ids: list[int] = []
         keep: list[int] = []
         for row in rows:
@@ -82,18 +79,22 @@ class ModelRunner:
             starts=[r.start for r in rows],
             query_lens=[r.num_tokens for r in rows],
             block_tables=[r.seq.block_table for r in rows],
-            num_decode=num_decode,
+            num_decode=sum(r.num_tokens == 1 for r in rows),
             device=self.device,
         )
-        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        logits_to_keep = torch.tensor(keep, dtype=torch.long, device=self.device)
-        logits = self.model(
-            input_ids=ids,
-            position_ids=meta.positions.unsqueeze(0),
-            use_cache=False,
-            logits_to_keep=logits_to_keep,
-            **{METADATA_KWARG: meta},
-        ).logits[0]
+        kwargs = {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long, device=self.device),
+            "position_ids": meta.positions.unsqueeze(0),
+            "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=self.device),
+            METADATA_KWARG: meta,
+        }
+        return rows, kwargs
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        """Compute the step; return one sampled token per sampling row, in the scheduler's row order."""
+        rows, kwargs = self.step_inputs(out)
+        logits = self.model(use_cache=False, **kwargs).logits[0]
         sampling_rows = [r for r in rows if r.sample]
         tokens = self._sample(logits, sampling_rows)
         by_seq = {id(r.seq): t for r, t in zip(sampling_rows, tokens, strict=True)}

@@ -21,8 +21,6 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from serving.config import DeploymentConfig
-from serving.engine.attention import METADATA_KWARG
-from serving.engine.attention_metadata import build_metadata
 from serving.engine.distributed.build import RankGroup
 from serving.engine.distributed.metrics import ParallelCollector
 from serving.engine.distributed.pipeline import (
@@ -94,32 +92,10 @@ class PipelineRunner(ModelRunner):
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, mb_id: int) -> MicroBatch:
-        rows = sorted(out.scheduled, key=lambda r: r.num_tokens != 1)  # decodes first, as execute()
-        input_ids: list[int] = []
-        keep: list[int] = []
-        for row in rows:
-            input_ids.extend(row.seq.token_ids[row.start : row.start + row.num_tokens])
-            if row.sample:
-                keep.append(len(input_ids) - 1)
-        meta = build_metadata(
-            self.attention,
-            self.kv_caches,
-            self.block_size,
-            starts=[r.start for r in rows],
-            query_lens=[r.num_tokens for r in rows],
-            block_tables=[r.seq.block_table for r in rows],
-            num_decode=sum(r.num_tokens == 1 for r in rows),
-            device=self.device,
-        )
-        kwargs = {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long, device=self.device),
-            "position_ids": meta.positions.unsqueeze(0),
-            "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=self.device),
-            METADATA_KWARG: meta,
-        }
+        rows, kwargs = self.step_inputs(out)
         sampling_rows = [r for r in rows if r.sample]
         random_rows = [i for i, r in enumerate(sampling_rows) if not r.seq.params.greedy]
-        shape = (1, len(input_ids), self.hidden_size)
+        shape = (1, kwargs["input_ids"].shape[1], self.hidden_size)
         message = ("stage", mb_id, shape, self.dtype, strip_caches(kwargs), random_rows)
         data = encode(message)
         for worker in self.group.workers:
