@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.constraints import RULES
+from autotune.device_pool import DevicePool
 from autotune.devices import Devices, detect_devices
 from autotune.geometry import ModelGeometry, load_geometry
 from autotune.objectives import Objectives
@@ -37,6 +38,12 @@ class StudyContext:
     def name(self) -> str:
         return self.settings.study.name
 
+    @property
+    def devices_per_trial(self) -> Devices:
+        """What the planner may give one trial: trials running at once split the RAM (each has its GPUs)."""
+        share = self.devices.ram_bytes // self.settings.study.parallel_trials
+        return dataclasses.replace(self.devices, ram_bytes=share)
+
     def traffic(self) -> Traffic:
         """The workload every trial sends (traffic's own builders validate the sections)."""
         from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
@@ -54,7 +61,7 @@ class StudyContext:
         )
 
     def check(self, config: DeploymentConfig) -> tuple[str | None, MemoryPlan | None]:
-        """Why this deployment cannot run here (None when it can): space rules, backend, memory."""
+        """Why this deployment cannot run here (None when it can): space rules, backend, devices, memory."""
         for rule in self.space.constraints:
             reason = RULES[rule](config, self.geometry, self.devices)
             if reason:
@@ -63,7 +70,10 @@ class StudyContext:
             get_backend(config.backend).validate(config)
         except ConfigError as err:
             return f"backend {config.backend}: {err}", None
-        plan = plan_memory(config, self.geometry, self.devices, self.settings.planner)
+        placement = DevicePool(self.devices, cpus=self.settings.trial.server_cpus).fits(config)
+        if placement:
+            return f"devices: {placement}", None
+        plan = plan_memory(config, self.geometry, self.devices_per_trial, self.settings.planner)
         if not plan.fits:
             return f"memory: {plan.reason}", plan
         return None, plan

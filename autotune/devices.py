@@ -13,6 +13,10 @@ class Gpu:
     index: int
     name: str
     memory_bytes: int
+    free_bytes: int | None = None
+    """Free memory when the study started (other processes' allocations excluded); None if unknown."""
+    nvlink_peers: tuple[int, ...] = ()
+    """GPUs this one reaches over NVLink: a tensor-parallel group is placed on GPUs linked to each other."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class Devices:
     def describe(self) -> str:
         if self.gpus:
             names = ", ".join(f"{g.index}:{g.name} {g.memory_bytes / 2**30:.1f} GiB" for g in self.gpus)
-            return f"{len(self.gpus)} GPU(s): {names}"
+            linked = sum(len(g.nvlink_peers) for g in self.gpus) // 2
+            return f"{len(self.gpus)} GPU(s): {names}; {linked} NVLink pair(s)"
         return f"{len(self.cpus)} CPU core(s), {self.ram_bytes / 2**30:.1f} GiB RAM available"
 
 
@@ -53,15 +58,37 @@ def detect_gpus() -> tuple[Gpu, ...]:
     except pynvml.NVMLError:  # NVMLError_LibraryNotFound / DriverNotLoaded: a machine without GPUs
         return ()
     try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        for index, handle in enumerate(handles):
             name = pynvml.nvmlDeviceGetName(handle)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(Gpu(index, name if isinstance(name, str) else name.decode(), int(memory.total)))
+            peers = tuple(
+                other for other, peer in enumerate(handles) if other != index and _nvlinked(handle, peer)
+            )
+            gpus.append(
+                Gpu(
+                    index=index,
+                    name=name if isinstance(name, str) else name.decode(),
+                    memory_bytes=int(memory.total),
+                    free_bytes=int(memory.free),
+                    nvlink_peers=peers,
+                )
+            )
         return tuple(gpus)
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvlinked(handle: object, peer: object) -> bool:
+    """NVML's P2P status over NVLink; drivers without the query report no link."""
+    import pynvml
+
+    try:
+        status = pynvml.nvmlDeviceGetP2PStatus(handle, peer, pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+    except pynvml.NVMLError:
+        return False
+    return bool(status == pynvml.NVML_P2P_STATUS_OK)
 
 
 def detect_devices(device: str = "auto") -> Devices:

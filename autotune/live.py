@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
@@ -39,20 +40,34 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+@dataclass
+class _Running:
+    label: str
+    started: float
+    phase: str = ""
+
+
 class LiveView(StudyObserver):
-    def __init__(self, objectives: Objectives, *, mode: str = "auto", console: Console | None = None) -> None:
+    def __init__(
+        self,
+        objectives: Objectives,
+        *,
+        mode: str = "auto",
+        console: Console | None = None,
+        parallel_trials: int = 1,
+    ) -> None:
         self.objectives = objectives
+        self.parallel_trials = parallel_trials
         self.console = console or Console()
         self.fancy = mode == "on" or (mode == "auto" and sys.stdout.isatty())
         self.live: Live | None = None
         self.name = ""
         self.total = 0
         self.records: list[TrialRecord] = []
-        self.current: str = "-"
-        self.phase_text = ""
+        self.running: dict[int, _Running] = {}
+        """Trials being measured now (several with study.parallel_trials > 1)."""
         self.last: str = "-"
         self.started = time.monotonic()
-        self.trial_started_at = 0.0
 
     # --- numbers ---------------------------------------------------------------------------------
 
@@ -64,7 +79,7 @@ class LiveView(StudyObserver):
         if not durations:
             return None
         remaining = max(0, self.total - len(self.measured()))
-        return remaining * sum(durations) / len(durations)
+        return remaining * sum(durations) / len(durations) / self.parallel_trials
 
     def best_lines(self) -> list[str]:
         pool = candidates(self.records)
@@ -92,12 +107,12 @@ class LiveView(StudyObserver):
             f"{done}/{self.total} measured, {other} pruned, elapsed "
             f"{_duration(time.monotonic() - self.started)}, ETA {_duration(self.eta_s())}",
         )
-        running = (
-            f" [{self.phase_text} {_duration(time.monotonic() - self.trial_started_at)}]"
-            if self.phase_text
-            else ""
-        )
-        table.add_row("current", self.current + running)
+        now = time.monotonic()
+        running = [
+            f"{r.label}" + (f" [{r.phase} {_duration(now - r.started)}]" if r.phase else "")
+            for _, r in sorted(self.running.items())
+        ]
+        table.add_row("running" if len(running) > 1 else "current", "\n".join(running) or "-")
         table.add_row("last", self.last)
         best = self.best_lines()
         table.add_row("best so far", "\n".join(best) if best else "-")
@@ -123,18 +138,19 @@ class LiveView(StudyObserver):
         self._say(f"study {name}: {resumed} of {total} configurations already measured")
 
     def trial_started(self, number: int, params: dict[str, Any]) -> None:
-        self.current = f"#{number} {_short(params)}"
-        self.trial_started_at = time.monotonic()
-        self._say(f"trial {self.current}: launching")
+        label = f"#{number} {_short(params)}"
+        self.running[number] = _Running(label, time.monotonic())
+        self._say(f"trial {label}: launching")
 
-    def phase(self, text: str) -> None:
-        self.phase_text = text
+    def phase(self, number: int, text: str) -> None:
+        if number in self.running:
+            self.running[number].phase = text
         if self.live is not None:
             self.live.update(self.render())
 
     def trial_finished(self, record: TrialRecord, outcome: TrialOutcome | None) -> None:
         self.records = [r for r in self.records if r.number != record.number] + [record]
-        self.phase_text = ""
+        self.running.pop(record.number, None)
         summary = record.state
         if record.values:
             summary += " " + ", ".join(
@@ -146,7 +162,6 @@ class LiveView(StudyObserver):
         if record.repeat_of is not None:
             summary += f" (same config as #{record.repeat_of})"
         self.last = f"#{record.number} {record.label or 'base'} -> {summary}"
-        self.current = "-"
         done = len(self.measured())
         self._say(f"[{done}/{self.total}] {self.last} | ETA {_duration(self.eta_s())}")
 

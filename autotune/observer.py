@@ -1,7 +1,8 @@
 """StudyObserver: what the live view and the trackers hear from the study loop.
 
 Call order: study_started once; per trial trial_started, phase (zero or more), trial_finished; then
-study_finished once (also after an interruption). Every method has a no-op default.
+study_finished once (also after an interruption). With study.parallel_trials > 1 the calls of several
+trials interleave, but never overlap: the loop makes them one at a time. Every method has a no-op default.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ class StudyObserver:
     def trial_started(self, number: int, params: dict[str, Any]) -> None:
         """A configuration passed the pre-launch checks and is about to be launched."""
 
-    def phase(self, text: str) -> None:
-        """What the current trial is doing (starting server, benchmarking, ...)."""
+    def phase(self, number: int, text: str) -> None:
+        """What trial `number` is doing (starting server, benchmarking, ...)."""
 
     def trial_finished(self, record: TrialRecord, outcome: TrialOutcome | None) -> None:
         """A trial ended (complete, failed, pruned or repeated); outcome is None when nothing launched."""

@@ -104,6 +104,9 @@ def plan_memory(
         smallest = min(g.memory_bytes for g in devices.gpus)
         total = settings.memory_limit_gb * GIB if settings.memory_limit_gb else smallest
         available = total * settings.memory_fraction
+        free = [g.free_bytes for g in devices.gpus if g.free_bytes is not None]
+        if free and not settings.memory_limit_gb:  # memory other processes hold is not ours to plan with
+            available = min(available, min(free))
         need = (weights + kv_budget) / shards + overhead
         where = "per GPU"
     else:

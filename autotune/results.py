@@ -19,6 +19,7 @@ RETRYABLE = "retryable"
 DURATION = "duration_s"
 TRIAL_DIR = "trial_dir"
 OWNER = "owner"
+DEVICES = "devices"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class TrialRecord:
     """True when a server was launched for this trial."""
     duration_s: float | None = None
     trial_dir: str | None = None
+    devices: str | None = None
+    """Where the server ran, e.g. "cores 0-1" or "GPUs 0,1, cores 0-15"."""
 
     @property
     def feasible(self) -> bool:
@@ -76,6 +79,7 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
         measured=bool(attrs.get(MEASURED, False)),
         duration_s=attrs.get(DURATION),
         trial_dir=attrs.get(TRIAL_DIR),
+        devices=attrs.get(DEVICES),
     )
 
 

@@ -61,12 +61,20 @@ class StudySettings:
     """Stop after this many samples in a row that repeat a measured config: the space is exhausted."""
     live: str = "auto"
     """Live terminal view: auto (when stdout is a terminal) | on | off."""
+    parallel_trials: int = 1
+    """Trials measured at once, each on its own GPUs (or its own share of the CPU cores); a trial waits
+    until its dp x tp x pp devices are free. On a CPU-only machine concurrent trials also share memory
+    bandwidth and the load generator's cores, so 1 gives the cleanest numbers there."""
 
     def __post_init__(self) -> None:
         _choose("study.sampler", self.sampler, SAMPLERS)
         _choose("study.live", self.live, LIVE_MODES)
         if self.n_trials < 0:
             raise ValueError(f"study.n_trials={self.n_trials} is invalid: use 0 or more")
+        if self.parallel_trials < 1:
+            raise ValueError(
+                f"study.parallel_trials={self.parallel_trials} is invalid: use 1 or more (trials at once)"
+            )
         if self.population_size < 2:
             raise ValueError(f"study.population_size={self.population_size} is invalid: use at least 2")
         if self.name != MISSING and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):

@@ -2,7 +2,11 @@
 
 Per ask: sample the space -> build the DeploymentConfig (a bad combination is pruned) -> reuse the result
 of an earlier trial with the same deployment (never measure twice) -> pre-launch checks and the memory
-planner (pruned with the reason) -> launch and benchmark -> tell values and constraints.
+planner (pruned with the reason) -> claim the config in the study's database (of two workers that sampled
+it at once, one measures) -> wait for free devices -> launch and benchmark -> tell values and constraints.
+
+With `study.parallel_trials` > 1 that sequence runs in as many threads, each trial on the disjoint devices
+the DevicePool hands it; Ctrl-C (or SIGTERM) stops every running trial and records them as interrupted.
 """
 
 from __future__ import annotations
@@ -11,19 +15,23 @@ import hashlib
 import json
 import os
 import socket
+import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune import results as R
+from autotune.claims import ConfigClaims
 from autotune.context import StudyContext
+from autotune.device_pool import Allocation, DevicePool
 from autotune.observer import StudyObserver
 from autotune.results import TrialRecord, load_records, record_of
 from autotune.samplers import make_sampler
-from autotune.trial_runner import TrialOutcome, run_trial
+from autotune.trial_runner import TrialCancelled, TrialOutcome, run_trial
 from serving.config import ConfigError, DeploymentConfig
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
@@ -84,6 +92,17 @@ class StudyLoop:
         self.study = study
         self.observers = list(observers)
         self.traffic = ctx.traffic()
+        self.slots = ctx.settings.study.parallel_trials
+        self.pool = DevicePool(ctx.devices, self.slots, ctx.settings.trial.server_cpus)
+        self.claims = ConfigClaims(ctx.storage_url, ctx.name)
+        self.cancel = threading.Event()
+        """Set on Ctrl-C / SIGTERM (or a crashed slot): every running trial stops and is recorded."""
+        self._lock = threading.RLock()
+        """Serialises observers and the loop's counters across trial threads."""
+        self._in_flight = 0
+        self._idle = 0
+        self._exhausted = False
+        self._errors: list[BaseException] = []
 
     # --- bookkeeping -----------------------------------------------------------------------------
 
@@ -147,22 +166,71 @@ class StudyLoop:
         self.enqueue_seeds()
         for o in self.observers:
             o.study_started(self.ctx.name, total, load_records(self.study))
-        idle = 0
         try:
-            while self.measured() < total:
-                launched = self.step()
-                idle = 0 if launched else idle + 1
-                if idle >= self.ctx.settings.study.max_repeats:
-                    print(
-                        f"autotune: {idle} samples in a row needed no launch (repeats or pruned): "
-                        "the space looks exhausted; stopping"
-                    )
-                    break
+            if self.slots == 1:
+                self.work()
+            else:
+                self._run_slots()
         finally:
             records = load_records(self.study)
             for o in self.observers:
                 o.study_finished(records)
+            self.claims.close()
         return records
+
+    def work(self) -> None:
+        """Ask, check and measure until the budget is reached (the main thread, or one trial slot)."""
+        total = self.ctx.settings.study.n_trials
+        while not self.cancel.is_set():
+            with self._lock:
+                if self._exhausted or self.measured() + self._in_flight >= total:
+                    return
+                self._in_flight += 1
+            launched = False
+            try:
+                launched = self.step()
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+                    self._idle = 0 if launched else self._idle + 1
+                    if self._idle >= self.ctx.settings.study.max_repeats and not self._exhausted:
+                        self._exhausted = True
+                        print(
+                            f"autotune: {self._idle} samples in a row needed no launch (repeats or pruned): "
+                            "the space looks exhausted; stopping"
+                        )
+
+    def _run_slots(self) -> None:
+        """`parallel_trials` threads run work(); the main thread keeps SIGINT and cancels them on it."""
+        threads = [
+            threading.Thread(target=self._slot, name=f"trial-slot-{i}", daemon=True)
+            for i in range(self.slots)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            _join(threads)
+        except KeyboardInterrupt:
+            self.cancel.set()
+            print("\nautotune: stopping the running trials ...", file=sys.stderr)
+            while True:
+                try:
+                    _join(threads)
+                    break
+                except KeyboardInterrupt:
+                    continue  # servers are being stopped; leaving now would orphan them
+            raise
+        if self._errors:
+            raise self._errors[0]
+
+    def _slot(self) -> None:
+        try:
+            self.work()
+        except KeyboardInterrupt:  # TrialCancelled: the trial is already recorded as interrupted
+            pass
+        except BaseException as err:  # a storage or observer failure: stop the other slots, re-raise
+            self._errors.append(err)
+            self.cancel.set()
 
     def step(self) -> bool:
         """One ask/tell; True when a server was launched."""
@@ -185,8 +253,31 @@ class StudyLoop:
         if reason:
             self._prune(trial, reason)
             return False
-        self._measure(trial, config, params)
+        holder = self._claim(key, trial.number)
+        if holder is not None:
+            self._repeat(trial, holder)
+            return False
+        allocation = self.pool.acquire(config, self.cancel)
+        if allocation is None:  # cancelled while waiting for devices
+            self._interrupted(trial)
+            raise TrialCancelled("cancelled while waiting for devices")
+        try:
+            self._measure(trial, config, params, allocation)
+        finally:
+            self.pool.release(allocation)
         return True
+
+    def _claim(self, key: str, number: int) -> FrozenTrial | None:
+        """Claim `key` for trial `number`; the trial that holds it instead (None: ours to measure)."""
+        holder = self.claims.claim(key, number)
+        while holder is not None:
+            held = self.study.get_trials(deepcopy=False)[holder]
+            if not held.user_attrs.get(R.RETRYABLE):
+                return held
+            if self.claims.hand_over(key, holder, number):  # its measurement was interrupted: ours now
+                return None
+            holder = self.claims.claim(key, number)
+        return None
 
     def _prune(self, trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr(R.REASON, reason)
@@ -211,26 +302,27 @@ class StudyLoop:
                 self.study.tell(trial, state=earlier.state)
         self._finished(trial.number, None)
 
-    def _measure(self, trial: optuna.Trial, config: DeploymentConfig, params: dict[str, Any]) -> None:
-        for o in self.observers:
-            o.trial_started(trial.number, params)
+    def _measure(
+        self, trial: optuna.Trial, config: DeploymentConfig, params: dict[str, Any], allocation: Allocation
+    ) -> None:
+        self._notify(lambda o: o.trial_started(trial.number, params))
         trial_dir = self.ctx.run_dir / "trials" / f"{trial.number:04d}"
         trial.set_user_attr(R.TRIAL_DIR, str(trial_dir))
-        cpus, env = self._allocate(config)
+        trial.set_user_attr(R.DEVICES, allocation.describe())
+        where = f" on {allocation.describe()}" if self.slots > 1 else ""
         try:
             outcome = run_trial(
                 config,
                 self.traffic,
                 self.ctx.settings.trial,
                 trial_dir,
-                cpus=cpus,
-                extra_env=env,
-                on_phase=self._phase,
+                cpus=list(allocation.cpus),
+                extra_env=allocation.env(),
+                on_phase=lambda text: self._phase(trial.number, text + where),
+                cancel=self.cancel,
             )
         except BaseException:
-            trial.set_user_attr(R.REASON, "interrupted")
-            trial.set_user_attr(R.RETRYABLE, True)
-            self.study.tell(trial, state=TrialState.FAIL)
+            self._interrupted(trial)
             raise
         trial.set_user_attr(R.MEASURED, True)
         trial.set_user_attr(R.DURATION, outcome.duration_s)
@@ -249,21 +341,27 @@ class StudyLoop:
             self.study.tell(trial, state=TrialState.FAIL)
         self._finished(trial.number, outcome)
 
-    def _allocate(self, config: DeploymentConfig) -> tuple[list[int] | None, dict[str, str]]:
-        """All the CPU cores (or the configured ones); on GPUs the first world_size devices."""
-        devices = self.ctx.devices
-        env: dict[str, str] = {}
-        if devices.gpus and config.device != "cpu":
-            chosen = devices.gpus[: config.parallel.world_size]
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g.index) for g in chosen)
-        cpus = self.ctx.settings.trial.server_cpus or list(devices.cpus)
-        return cpus, env
+    def _interrupted(self, trial: optuna.Trial) -> None:
+        """Recorded as a retryable failure: the next run queues the configuration again."""
+        trial.set_user_attr(R.REASON, "interrupted")
+        trial.set_user_attr(R.RETRYABLE, True)
+        self.study.tell(trial, state=TrialState.FAIL)
 
-    def _phase(self, text: str) -> None:
-        for o in self.observers:
-            o.phase(text)
+    def _phase(self, number: int, text: str) -> None:
+        self._notify(lambda o: o.phase(number, text))
 
     def _finished(self, number: int, outcome: TrialOutcome | None) -> None:
         record = record_of(self.study.get_trials(deepcopy=False)[number])
-        for o in self.observers:
-            o.trial_finished(record, outcome)
+        self._notify(lambda o: o.trial_finished(record, outcome))
+
+    def _notify(self, call: Callable[[StudyObserver], None]) -> None:
+        with self._lock:
+            for o in self.observers:
+                call(o)
+
+
+def _join(threads: Sequence[threading.Thread]) -> None:
+    """Wait for every thread, waking twice a second so SIGINT reaches the main thread."""
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(timeout=0.5)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from serving.launch import ServerProcess
 
 MIB = 2**20
+CANCEL_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+class TrialCancelled(KeyboardInterrupt):
+    """The study was interrupted while this trial ran in a worker thread (which gets no SIGINT itself)."""
+
+
 def run_trial(
     config: DeploymentConfig,
     traffic: Traffic,
@@ -70,8 +76,13 @@ def run_trial(
     cpus: Sequence[int] | None = None,
     extra_env: dict[str, str] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> TrialOutcome:
-    """Launch on a free port, wait for /health, benchmark (with warm-up), stop the process group."""
+    """Launch on a free port, wait for /health, benchmark (with warm-up), stop the process group.
+
+    Setting `cancel` stops the trial within a fraction of a second: the server is stopped and
+    TrialCancelled raised, so the caller records an interruption rather than a failed configuration.
+    """
     from serving.launch import ServerProcess
 
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -87,10 +98,10 @@ def run_trial(
     try:
         phase("starting server")
         server.start()
-        server.wait_healthy(settings.startup_timeout_s)
+        server.wait_healthy(settings.startup_timeout_s, cancel=cancel)
         metrics["startup_s"] = time.monotonic() - started
         phase("benchmarking")
-        summary, failures = _benchmark(server.url, config.model.name, traffic, settings, trial_dir)
+        summary, failures = _benchmark(server.url, config.model.name, traffic, settings, trial_dir, cancel)
         records_path = trial_dir / "records.jsonl"
         metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
         reason = _judge(summary, failures, server.returncode, settings)
@@ -105,6 +116,8 @@ def run_trial(
         leftover = stop_error or _leftover_processes(server)
         if leftover and reason is None:
             reason = leftover
+    if cancel is not None and cancel.is_set():
+        raise TrialCancelled(f"trial in {trial_dir} cancelled")
     peak = int(getattr(server, "peak_rss_bytes", 0) or 0)
     if peak:
         metrics["peak_rss_mb"] = peak / MIB
@@ -137,7 +150,12 @@ def _last_log_line(path: Path) -> str:
 
 
 def _benchmark(
-    url: str, model: str, traffic: Traffic, settings: TrialSettings, out_dir: Path
+    url: str,
+    model: str,
+    traffic: Traffic,
+    settings: TrialSettings,
+    out_dir: Path,
+    cancel: threading.Event | None = None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     async def timed() -> Any:
         coroutine = run_benchmark_async(
@@ -150,7 +168,15 @@ def _benchmark(
             out_dir=out_dir,
             progress=False,
         )
-        return await asyncio.wait_for(coroutine, timeout=settings.benchmark_timeout_s)
+        task = asyncio.ensure_future(asyncio.wait_for(coroutine, timeout=settings.benchmark_timeout_s))
+        while not task.done():
+            await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+            if cancel is not None and cancel.is_set() and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise RuntimeError("benchmark cancelled")
+        return task.result()
 
     result = asyncio.run(timed())
     return dict(result.summary), dict(result.failures_by_reason)

@@ -112,8 +112,8 @@ class ServerProcess:
         )
         self._sampler.start()
 
-    def wait_healthy(self, timeout_s: float) -> None:
-        """Block until GET health_path answers 200; on exit or time-out stop the server and raise."""
+    def wait_healthy(self, timeout_s: float, cancel: threading.Event | None = None) -> None:
+        """Block until GET health_path answers 200; on exit, time-out or `cancel`: stop the server, raise."""
         if self._proc is None:
             raise RuntimeError("ServerProcess.wait_healthy() before start()")
         deadline = time.monotonic() + timeout_s
@@ -133,6 +133,9 @@ class ServerProcess:
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(health).status_code == 200:
                         return
+                if cancel is not None and cancel.is_set():
+                    self.stop()
+                    raise ServerStartError("start-up cancelled")
                 if time.monotonic() > deadline:
                     self.stop()
                     raise ServerStartError(

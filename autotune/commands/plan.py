@@ -121,9 +121,11 @@ def main(argv: Sequence[str]) -> int:
     n_trials = ctx.settings.study.n_trials
     per_trial, how = estimate_trial_s(ctx)
     fit_share = (checked - sum(pruned.values())) / checked if checked else 1.0
-    total = n_trials * per_trial
+    slots = ctx.settings.study.parallel_trials
+    total = n_trials * per_trial / slots
+    at_once = f" / {slots} at once" if slots > 1 else ""
     console.print(
-        f"\n[bold]ETA[/] {n_trials} trials x ~{per_trial:.0f} s ({how}) = ~{total / 60:.1f} min"
+        f"\n[bold]ETA[/] {n_trials} trials x ~{per_trial:.0f} s ({how}){at_once} = ~{total / 60:.1f} min"
         f"; {fit_share:.0%} of the checked grid would launch"
     )
     return 0

@@ -41,7 +41,9 @@ def run_session(session: Session) -> int:
     except ValueError as err:
         print(f"autotune: {err}", file=sys.stderr)
         return 2
-    view = LiveView(ctx.objectives, mode=ctx.settings.study.live)
+    view = LiveView(
+        ctx.objectives, mode=ctx.settings.study.live, parallel_trials=ctx.settings.study.parallel_trials
+    )
     tracker = make_tracker(ctx.settings.tracking, study_name=ctx.name, resolved_config=session.resolved_yaml)
     observers = [view, *([tracker] if tracker else [])]
     interrupted = False

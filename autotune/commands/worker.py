@@ -31,7 +31,12 @@ def main(argv: Sequence[str]) -> int:
         return 2
     study = open_study(ctx)
     tracker = make_tracker(ctx.settings.tracking, study_name=ctx.name, resolved_config=session.resolved_yaml)
-    observers = [LiveView(ctx.objectives, mode=ctx.settings.study.live), *([tracker] if tracker else [])]
+    observers = [
+        LiveView(
+            ctx.objectives, mode=ctx.settings.study.live, parallel_trials=ctx.settings.study.parallel_trials
+        ),
+        *([tracker] if tracker else []),
+    ]
     try:
         with sigterm_as_interrupt():
             StudyLoop(ctx, study, observers).run()

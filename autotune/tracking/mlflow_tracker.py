@@ -128,6 +128,8 @@ class MlflowTracker(StudyObserver):
         }
         if record.reason:
             tags["reason"] = record.reason[:5000]
+        if record.devices:
+            tags["devices"] = record.devices
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.number:03d}", tags=tags)
         run_id = run.info.run_id
         now = int(time.time() * 1000)

@@ -7,6 +7,7 @@ ids). Request i depends only on (seed, i): the same seed gives the same prompts 
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,22 @@ def resolve_tokenizer_path(name: str | None) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=4)
+_TOKENIZER_LOAD = threading.Lock()
+
+
 def load_tokenizer(path: str) -> Any:
-    """transformers' AutoTokenizer from a local dir (cached: building prompts twice must not reload it)."""
+    """transformers' AutoTokenizer from a local dir, cached per thread.
+
+    Parallel trials prepare their prompts in threads: transformers' lazy module import is not
+    thread-safe (a second thread can see a half-imported module), and a fast tokenizer must not encode
+    from two threads at once, so loading is serialised and each thread keeps its own instance.
+    """
+    with _TOKENIZER_LOAD:
+        return _load_tokenizer(path, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, thread: int) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
