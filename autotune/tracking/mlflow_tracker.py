@@ -2,15 +2,19 @@
 run per trial (the flattened deployment as params, every metric, server log and request records).
 
 Writes go through MlflowClient.log_batch, so a trial is one round-trip however many metrics it has.
-A resumed study finds its parent run by tag and logs only the trials not logged yet.
+A resumed study finds its parent run by tag and logs only the trials not logged yet. Workers that start
+together on one store may race to create its schema, the experiment and the parent run: each race ends
+with every worker using the same one (the oldest parent run wins; a duplicate is deleted).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +52,11 @@ def _artifact_root(uri: str, settings: TrackingSettings) -> str | None:
 
 class MlflowTracker(StudyObserver):
     def __init__(self, settings: TrackingSettings, *, study_name: str, resolved_config: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri = resolve_uri(settings)
-        self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
+        self.client: MlflowClient = _client(self.uri)
         self.study_name = study_name
         self.resolved_config = resolved_config
         self.experiment_id = self._experiment(settings)
@@ -64,26 +66,39 @@ class MlflowTracker(StudyObserver):
     # --- setup -----------------------------------------------------------------------------------
 
     def _experiment(self, settings: TrackingSettings) -> str:
+        from mlflow.exceptions import MlflowException
+
         found = self.client.get_experiment_by_name(settings.experiment)
         if found is not None:
             return str(found.experiment_id)
-        return str(
-            self.client.create_experiment(
-                settings.experiment, artifact_location=_artifact_root(self.uri, settings)
+        try:
+            return str(
+                self.client.create_experiment(
+                    settings.experiment, artifact_location=_artifact_root(self.uri, settings)
+                )
             )
-        )
+        except MlflowException:  # another worker created it a moment ago
+            found = self.client.get_experiment_by_name(settings.experiment)
+            if found is None:
+                raise
+            return str(found.experiment_id)
 
     def _find_parent(self) -> str | None:
+        """The study's parent run: the oldest, when workers starting together each made one."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' and tags.`{ROLE_TAG}` = 'study'",
+            order_by=["attributes.start_time ASC"],
             max_results=1,
         )
         return runs[0].info.run_id if runs else None
 
     def _logged_trials(self) -> dict[int, str]:
+        """Trial runs of this study already in the store (by any worker)."""
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=5000
+            [self.experiment_id],
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' and tags.`{ROLE_TAG}` = 'trial'",
+            max_results=5000,
         )
         return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
@@ -98,6 +113,10 @@ class MlflowTracker(StudyObserver):
                 tags={STUDY_TAG: name, ROLE_TAG: "study"},
             )
             parent = run.info.run_id
+            oldest = self._find_parent()
+            if oldest is not None and oldest != parent:  # another worker's parent run came first
+                self.client.delete_run(parent)
+                parent = oldest
         else:
             self.client.update_run(parent, status=RunStatus.to_string(RunStatus.RUNNING))
         self.parent_id = parent
@@ -178,6 +197,44 @@ class MlflowTracker(StudyObserver):
             path = Path(tmp) / name
             path.write_text(text)
             self.client.log_artifact(run_id, str(path))
+
+
+def _client(uri: str, attempts: int = 5) -> MlflowClient:
+    """MlflowClient for `uri`, its store opened (which creates or migrates the schema).
+
+    Workers starting together must not migrate one store at once: for a SQLite file a lock file beside
+    it serialises them (two alembic runs would leave it half-migrated); a database server's
+    transactional DDL rolls the loser back, so there the open is retried.
+    """
+    from mlflow.tracking import MlflowClient
+
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    with _file_lock(Path(path + ".lock") if path else None):
+        for attempt in range(attempts):
+            try:
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)
+                return client
+            except Exception as err:
+                racing = any(text in str(err) for text in ("already exists", "duplicate", "locked"))
+                if not racing or attempt == attempts - 1:
+                    raise
+                time.sleep(1.0 + attempt)
+    raise RuntimeError(f"could not open the MLflow store {uri}")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

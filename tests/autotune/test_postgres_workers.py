@@ -1,7 +1,8 @@
 """Many workers, one study, on a real PostgreSQL server (scripts/start_postgres.sh starts a private cluster).
 
-Two `autotune worker` processes join one study: every configuration is measured once, no trial is left
-behind in RUNNING, both workers measure, and the front is computed from both.
+Two `autotune worker` processes join one study and one fresh MLflow store: every configuration is measured
+once, no trial is left behind in RUNNING, both workers measure, MLflow holds one parent run with each
+measured trial logged once, and the front is computed from both.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from autotune import results as R
+from autotune.study import FINISHED
 
 pytestmark = pytest.mark.postgres
 
@@ -92,7 +95,9 @@ def _worker(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
 def test_two_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
     n_trials = 4
     study_args = [*TINY, f"study.name=pg-{uuid.uuid4().hex[:8]}", f"study.storage={postgres_url}"]
-    args = [*study_args, f"study.n_trials={n_trials}"]
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # created by whichever worker comes first
+    tracked = [a for a in study_args if a != "tracking=none"] + [f"tracking.uri={mlflow_uri}"]
+    args = [*tracked, f"study.n_trials={n_trials}"]
     for i in range(2):
         (tmp_path / f"w{i}").mkdir()
     workers = [_worker(args, tmp_path / f"w{i}", tmp_path / f"worker{i}.log") for i in range(2)]
@@ -117,6 +122,20 @@ def test_two_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
     owners = {t.user_attrs[R.OWNER] for t in measured}
     assert len(owners) == 2, f"both workers should have measured a trial, owners: {owners}"
     assert any(t.state == TrialState.COMPLETE for t in measured), logs
+
+    client = MlflowClient(mlflow_uri)
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], max_results=1000)
+    parents = [
+        r for r in runs if r.data.tags.get("autotune.role") == "study" and r.info.lifecycle_stage == "active"
+    ]
+    assert len(parents) == 1, f"{len(parents)} parent runs"
+    logged = sorted(
+        int(r.data.tags["autotune.trial"]) for r in runs if r.data.tags.get("autotune.role") == "trial"
+    )
+    assert logged == sorted(
+        {t.number for t in trials if t.state in FINISHED and t.user_attrs.get(R.REPEAT_OF) is None}
+    )
 
     best = tmp_path / "best.yaml"
     export_args = [*study_args, "export.policy=knee", f"export.output={best}"]
