@@ -113,6 +113,16 @@ class StudyLoop:
             if t.user_attrs.get(R.MEASURED) and not t.user_attrs.get(R.RETRYABLE)
         )
 
+    def budget_used(self) -> int:
+        """Measured configs, plus ours in flight, plus other workers' trials being measured right now."""
+        me = _owner()
+        elsewhere = sum(
+            1
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get(R.DEVICES) and t.user_attrs.get(R.OWNER) != me
+        )
+        return self.measured() + self._in_flight + elsewhere
+
     def fail_orphans(self) -> None:
         """RUNNING trials whose process on this host is gone (a killed run) become retryable failures."""
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -183,7 +193,7 @@ class StudyLoop:
         total = self.ctx.settings.study.n_trials
         while not self.cancel.is_set():
             with self._lock:
-                if self._exhausted or self.measured() + self._in_flight >= total:
+                if self._exhausted or self.budget_used() >= total:
                     return
                 self._in_flight += 1
             launched = False
