@@ -2,6 +2,10 @@
 
     .venv/bin/python -m bench.decode_step [--attention eager sdpa paged] [--batch 1 8 32]
         [--quantization none int8_dynamic] [--model llama-57m] [--steps 30] [--context 160]
+        [--layout engine row-major]
+
+--layout row-major undoes the engine's column-major float32 Linear weights (serving/engine/weight_layout.py)
+so both layouts can be compared side by side in one run.
 
 A step is the whole engine step (schedule, metadata, forward, sampling, postprocess), not the forward alone.
 Target (issue 2): <= 8 ms at batch 1 for llama-57m (bandwidth floor 5.5 ms). Timings on a shared machine are
@@ -12,6 +16,7 @@ CPU time of this process per step (steadier when other processes compete for the
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -48,6 +53,13 @@ def measure(engine: LLMEngine, batch: int, context: int, steps: int) -> tuple[li
     return wall, cpu
 
 
+def row_major_linear_weights(model: torch.nn.Module) -> None:
+    """nn.Linear's own layout (contiguous [out, in]), to compare against the engine's column-major one."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.weight = torch.nn.Parameter(module.weight.detach().contiguous(), requires_grad=False)
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -57,29 +69,34 @@ def main() -> None:
     parser.add_argument("--quantization", nargs="+", default=["none"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--context", type=int, default=160)
+    parser.add_argument("--layout", nargs="+", default=["engine"], choices=["engine", "row-major"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core we may use)")
     args = parser.parse_args()
     print(f"model: {args.model}  context: {args.context}")
-    print(f"{'quantization':<18}{'attention':<10}{'batch':>6}{'wall ms':>9}{'p10':>8}{'p90':>8}{'cpu ms':>8}")
-    for quant in args.quantization:
-        for attention in args.attention:
-            flat = {
-                "model.path": args.model,
-                "attention": attention,
-                "precision.quantization": quant,
-                "cache.kv_cache_memory_gb": 0.25,
-                "device": "cpu",
-            }
-            engine = LLMEngine.from_config(DeploymentConfig.from_flat(flat))
-            if args.threads:
-                torch.set_num_threads(args.threads)
-            for batch in args.batch:
-                wall, cpu = measure(engine, batch, args.context, args.steps)
-                wall.sort()
-                p10, p90 = wall[len(wall) // 10], wall[(len(wall) * 9) // 10]
-                median, median_cpu = statistics.median(wall), statistics.median(cpu)
-                row = f"{quant:<18}{attention:<10}{batch:>6}{median:>9.2f}{p10:>8.2f}{p90:>8.2f}"
-                print(f"{row}{median_cpu:>8.2f}", flush=True)
+    print(
+        f"{'quantization':<18}{'attention':<10}{'layout':<11}{'batch':>6}{'wall ms':>9}{'p10':>8}{'p90':>8}"
+        f"{'cpu ms':>8}"
+    )
+    for quant, attention, layout in itertools.product(args.quantization, args.attention, args.layout):
+        flat = {
+            "model.path": args.model,
+            "attention": attention,
+            "precision.quantization": quant,
+            "cache.kv_cache_memory_gb": 0.25,
+            "device": "cpu",
+        }
+        engine = LLMEngine.from_config(DeploymentConfig.from_flat(flat))
+        if layout == "row-major":
+            row_major_linear_weights(engine.runner.model)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for batch in args.batch:
+            wall, cpu = measure(engine, batch, args.context, args.steps)
+            wall.sort()
+            p10, p90 = wall[len(wall) // 10], wall[(len(wall) * 9) // 10]
+            median, median_cpu = statistics.median(wall), statistics.median(cpu)
+            row = f"{quant:<18}{attention:<10}{layout:<11}{batch:>6}{median:>9.2f}{p10:>8.2f}{p90:>8.2f}"
+            print(f"{row}{median_cpu:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch import nn
 
 from serving.config import ConfigError, DeploymentConfig, DType, ModelConfig
 from serving.engine.quantization import apply_quantization, check_parallel_quantization
+from serving.engine.weight_layout import relayout_linear_weights
 
 if TYPE_CHECKING:  # transformers is imported where used: the launcher resolves paths without it
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -110,7 +111,24 @@ def load_model(config: DeploymentConfig, attn_implementation: str, device: torch
     model.requires_grad_(False)
     model.eval()
     nn.Module.to(model, device=device)
-    return apply_quantization(model, config.precision, device)
+    model = apply_quantization(model, config.precision, device)
+    if _relayout(config, device):
+        relayout_linear_weights(model)
+    return model
+
+
+def _relayout(config: DeploymentConfig, device: torch.device) -> bool:
+    """float32 Linears on the CPU decode faster with [in, out] weight storage (see weight_layout.py).
+
+    Not for tensor parallelism (DeepSpeed AutoTP re-slices the weights into contiguous shards after this),
+    quantised linears (their own kernels), or GPUs (cuBLAS reads either layout at full speed).
+    """
+    return (
+        device.type == "cpu"
+        and config.parallel.tp == 1
+        and config.precision.quantization == "none"
+        and config.precision.dtype == "float32"
+    )
 
 
 def build_dummy_model(hf_config: PretrainedConfig, attn_implementation: str, seed: int) -> PreTrainedModel:

@@ -3,18 +3,15 @@ core; SIGTERM stops both and records them as interrupted; the next run measures 
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
-import psutil
 import pytest
 
 from autotune import results as R
-from tests.autotune.test_run_e2e import TINY
+from tests.autotune.test_run_e2e import TINY, sigterm_when_ready
 
 pytestmark = pytest.mark.slow
 
@@ -66,26 +63,10 @@ def test_two_trials_run_at_once_on_disjoint_cores(tmp_path: Path) -> None:
 
 def test_sigterm_stops_both_running_trials_and_resume_measures_them(tmp_path: Path) -> None:
     args = ["conf=chat", *_args(tmp_path, "cut2", 2)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "autotune.cli", "run", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    logs = [tmp_path / f"runs/cut2/trials/000{n}/server.log" for n in (0, 1)]
-    deadline = time.monotonic() + 240
-    while not all(log.exists() and "ready" in log.read_text(errors="replace") for log in logs):
-        assert proc.poll() is None and time.monotonic() < deadline, "two servers never got ready together"
-        time.sleep(0.3)
-    servers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode(errors="replace")
-    assert proc.returncode == 130, output
-    alive = [
-        p for p in servers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-    ]
-    assert not alive, f"servers outlived the run: {alive}"
+    logs = [f"runs/cut2/trials/000{n}/server.log" for n in (0, 1)]
+    code, output, survivors = sigterm_when_ready(args, tmp_path, logs)
+    assert code == 130, output
+    assert not survivors, f"servers outlived the run: {survivors}"
     cut = _trials(tmp_path, "cut2")
     assert [(t.state.name, t.user_attrs.get(R.RETRYABLE)) for t in cut] == [("FAIL", True)] * 2, output
 

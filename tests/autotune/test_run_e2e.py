@@ -139,10 +139,37 @@ def test_a_server_that_cannot_start_fails_the_trial_with_its_reason(tmp_path: Pa
     assert outcome.log_path.exists()
 
 
+def sigterm_when_ready(args: list[str], cwd: Path, logs: list[str]) -> tuple[int, str, list[int]]:
+    """Start `autotune run args`, SIGTERM it once every server log (relative to cwd) says ready.
+
+    Returns its exit code, its output and the pids of its servers still alive afterwards.
+    """
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", "run", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    paths = [cwd / log for log in logs]
+    deadline = time.monotonic() + 240
+    while not all(p.exists() and "ready" in p.read_text(errors="replace") for p in paths):
+        assert proc.poll() is None and time.monotonic() < deadline, f"servers never got ready: {logs}"
+        time.sleep(0.3)
+    servers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode(errors="replace")
+    alive = [
+        p for p in servers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
+    return proc.returncode, output, alive
+
+
 @pytest.mark.slow
 def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume(tmp_path: Path) -> None:
     import optuna
-    import psutil
 
     from autotune import results as R
 
@@ -152,27 +179,9 @@ def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume
         "  scheduler.max_num_seqs: {type: int, low: 2, high: 16}\n"
     )
     args = [*TINY, "study.name=cut", "study.n_trials=1", "tracking=none", f"search.space={space}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "autotune.cli", "run", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log = tmp_path / "runs/cut/trials/0000/server.log"
-    deadline = time.monotonic() + 180
-    while not (log.exists() and "ready" in log.read_text(errors="replace")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the trial's server never got ready"
-        time.sleep(0.3)
-    server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode(errors="replace")
-    assert proc.returncode == 130, output
-    assert not [
-        pid
-        for pid in server_pids
-        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    ], "a server outlived the run"
+    code, output, survivors = sigterm_when_ready(args, tmp_path, ["runs/cut/trials/0000/server.log"])
+    assert code == 130, output
+    assert not survivors, "a server outlived the run"
 
     storage = f"sqlite:///{tmp_path / 'runs/cut/study.db'}"
     first = optuna.load_study(study_name="cut", storage=storage).trials[0]
