@@ -8,10 +8,12 @@ loop (HTTP parsing, SSE writes) keeps running while a step computes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from serving.config import DeploymentConfig
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.metrics import EngineMetrics
+from serving.engine.output_streams import EngineDeadError, OutputStreams
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampling_params import SamplingParams
 
@@ -30,14 +33,11 @@ GATHER_WAIT_S = 0.0005
 """Shortest sleep while requests wait but nothing can run yet (a static batch still gathering)."""
 
 
-class EngineDeadError(RuntimeError):
-    """The step loop stopped (crashed or shut down); requests in flight fail with this."""
-
-
-class AsyncEngine:
+class AsyncEngine(OutputStreams):
     """Thread-backed engine with an asyncio interface (see CONTRACTS.md, "Engine")."""
 
     def __init__(self, engine: LLMEngine, *, tokenizer: Any = None, model_name: str = "model") -> None:
+        super().__init__()
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -51,8 +51,6 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._error: BaseException | None = None
         self._observe(None)
 
@@ -67,7 +65,7 @@ class AsyncEngine:
     async def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("AsyncEngine.start() was already called")
-        self._loop = asyncio.get_running_loop()
+        self._bind_loop()
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -110,26 +108,12 @@ class AsyncEngine:
         if not self.is_healthy():
             raise EngineDeadError(f"engine step loop is not running: {self._error!r}")
         self.engine.validate_request(prompt_token_ids, params)
-        if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already running: use a unique id")
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = queue
+        queue = self._open(request_id)
         self._submit(("add", request_id, list(prompt_token_ids), params, priority, self.engine.clock()))
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
+        abandon = functools.partial(self._submit, ("abort", request_id))
+        async with contextlib.aclosing(self._stream(request_id, queue, abandon)) as stream:
+            async for item in stream:
                 yield item
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._submit(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its stream ends with finish_reason "abort"."""
@@ -181,22 +165,3 @@ class AsyncEngine:
         e = self.engine
         totals = (e.num_prompt_tokens_total, e.num_generation_tokens_total)
         self.metrics.observe(e.stats(), *totals, step_seconds)
-
-    def _post(self, fn: Any, *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    # --- event-loop side -----------------------------------------------------------------------
-
-    def _dispatch(self, outputs: Sequence[RequestOutput]) -> None:
-        for out in outputs:
-            self._deliver(out.request_id, out)
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
-
-    def _fail_all(self, err: BaseException) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(err)

@@ -32,4 +32,3 @@ def relayout_linear_weights(model: nn.Module) -> int:
             module.weight = nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
             changed += 1
     return changed
-

@@ -11,6 +11,7 @@ A replica that dies makes is_healthy() False at once and ends the server with EX
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -30,16 +31,13 @@ from serving.engine.distributed.placement import split_cpus, split_gpus, visible
 from serving.engine.distributed.process import CONFIG_ENV, Child, Watchdog, spawn, stop_children
 from serving.engine.distributed.validate import validate_for_launch
 from serving.engine.llm_engine import LLMEngine
+from serving.engine.output_streams import EngineDeadError, OutputStreams
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("serving")
 
 REPLICA_MODULE = "serving.engine.distributed.replica"
-
-
-class EngineDeadError(RuntimeError):
-    """A replica died; requests in flight on it fail with this."""
 
 
 class Replica:
@@ -54,10 +52,11 @@ class Replica:
         self.vocab_size = 0
 
 
-class DataParallelEngine:
+class DataParallelEngine(OutputStreams):
     """EngineClient over dp replica processes (see serving/server/engine_client.py)."""
 
     def __init__(self, config: DeploymentConfig, replicas: list[Replica], tokenizer: Any) -> None:
+        super().__init__()
         self.config = config
         self.replicas = replicas
         self.tokenizer = tokenizer
@@ -68,9 +67,7 @@ class DataParallelEngine:
         self.registry = CollectorRegistry()
         self.registry.register(ReplicaCollector(self))
         self._turn = itertools.count()
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._where: dict[str, Replica] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: str | None = None
         self._stopping = False
         self.watchdog: Watchdog | None = None
@@ -117,7 +114,7 @@ class DataParallelEngine:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._bind_loop()
         for replica in self.replicas:
             threading.Thread(
                 target=self._read, args=(replica,), name=f"replica-{replica.index}-reader", daemon=True
@@ -150,31 +147,23 @@ class DataParallelEngine:
         if not self.is_healthy():
             raise EngineDeadError(f"engine is not running: {self._dead or 'shut down'}")
         LLMEngine.validate_request(self, prompt_token_ids, params)  # type: ignore[arg-type]
-        if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already running: use a unique id")
+        queue = self._open(request_id)
         replica = self._route()
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = queue
         self._where[request_id] = replica
         replica.outstanding.add(request_id)
         replica.child.send(("add", request_id, list(prompt_token_ids), params, priority, time.monotonic()))
-        finished = False
+
+        def abandon() -> None:
+            if self.is_healthy():
+                replica.child.send(("abort", request_id))
+
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async with contextlib.aclosing(self._stream(request_id, queue, abandon)) as stream:
+                async for item in stream:
+                    yield item
         finally:
-            self._queues.pop(request_id, None)
             self._where.pop(request_id, None)
             replica.outstanding.discard(request_id)
-            if not finished and self.is_healthy():
-                replica.child.send(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
         replica = self._where.get(request_id)
@@ -206,27 +195,10 @@ class DataParallelEngine:
             elif kind == "metrics":
                 replica.metrics_text, replica.stats = message[1], message[2]
 
-    def _post(self, fn: Any, *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            self._deliver(out.request_id, out)
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
-
     def _mark_dead(self, name: str) -> None:
         """Watchdog thread: a replica died (the process exits right after)."""
         self._dead = f"{name} died"
         self._post(self._fail_all, EngineDeadError(self._dead))
-
-    def _fail_all(self, err: BaseException) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(err)
 
 
 def _wait_ready(replica: Replica) -> int:
