@@ -20,6 +20,7 @@ DURATION = "duration_s"
 TRIAL_DIR = "trial_dir"
 OWNER = "owner"
 DEVICES = "devices"
+HEARTBEAT = "heartbeat"
 
 
 @dataclass(frozen=True)

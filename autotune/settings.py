@@ -61,6 +61,9 @@ class StudySettings:
     """Stop after this many samples in a row that repeat a measured config: the space is exhausted."""
     live: str = "auto"
     """Live terminal view: auto (when stdout is a terminal) | on | off."""
+    heartbeat_s: float = 30.0
+    """Running trials refresh a heartbeat this often. A RUNNING trial silent for 4x as long (its worker
+    died, on any machine) is failed as retryable by the next worker that starts, and re-measured."""
     parallel_trials: int = 1
     """Trials measured at once, each on its own GPUs (or its own share of the CPU cores); a trial waits
     until its dp x tp x pp devices are free. On a CPU-only machine concurrent trials also share memory
@@ -71,6 +74,7 @@ class StudySettings:
         _choose("study.live", self.live, LIVE_MODES)
         if self.n_trials < 0:
             raise ValueError(f"study.n_trials={self.n_trials} is invalid: use 0 or more")
+        _positive("study.heartbeat_s", self.heartbeat_s)
         if self.parallel_trials < 1:
             raise ValueError(
                 f"study.parallel_trials={self.parallel_trials} is invalid: use 1 or more (trials at once)"

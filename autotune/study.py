@@ -11,12 +11,14 @@ the DevicePool hands it; Ctrl-C (or SIGTERM) stops every running trial and recor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -103,6 +105,9 @@ class StudyLoop:
         self._idle = 0
         self._exhausted = False
         self._errors: list[BaseException] = []
+        self._beating: set[int] = set()
+        """Trial ids of ours that are RUNNING: the heartbeat thread refreshes them."""
+        self._stop_heart = threading.Event()
 
     # --- bookkeeping -----------------------------------------------------------------------------
 
@@ -119,18 +124,39 @@ class StudyLoop:
         elsewhere = sum(
             1
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get(R.DEVICES) and t.user_attrs.get(R.OWNER) != me
+            if t.user_attrs.get(R.DEVICES) and t.user_attrs.get(R.OWNER) != me and not self._silent(t)
         )
         return self.measured() + self._in_flight + elsewhere
 
     def fail_orphans(self) -> None:
-        """RUNNING trials whose process on this host is gone (a killed run) become retryable failures."""
+        """RUNNING trials of a dead worker become retryable failures: its process on this host is gone,
+        or (any host) its heartbeat stopped 4 x study.heartbeat_s ago."""
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.user_attrs.get(R.OWNER)
             if owner and not _alive(owner):
-                self.study._storage.set_trial_user_attr(t._trial_id, R.REASON, "interrupted (process gone)")
-                self.study._storage.set_trial_user_attr(t._trial_id, R.RETRYABLE, True)
-                self.study.tell(t.number, state=TrialState.FAIL)
+                reason = "interrupted (process gone)"
+            elif self._silent(t):
+                silent_s = time.time() - float(t.user_attrs[R.HEARTBEAT])
+                reason = f"interrupted (no heartbeat from {owner} for {silent_s:.0f} s)"
+            else:
+                continue
+            self.study._storage.set_trial_user_attr(t._trial_id, R.REASON, reason)
+            self.study._storage.set_trial_user_attr(t._trial_id, R.RETRYABLE, True)
+            self.study.tell(t.number, state=TrialState.FAIL)
+
+    def _silent(self, trial: FrozenTrial) -> bool:
+        beat = trial.user_attrs.get(R.HEARTBEAT)
+        return beat is not None and time.time() - float(beat) > 4 * self.ctx.settings.study.heartbeat_s
+
+    def _heartbeat(self) -> None:
+        """Heartbeat thread: refresh every running trial of ours, so other workers know we are alive."""
+        interval = self.ctx.settings.study.heartbeat_s
+        while not self._stop_heart.wait(interval):
+            with self._lock:
+                beating = list(self._beating)
+            for trial_id in beating:
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    self.study._storage.set_trial_user_attr(trial_id, R.HEARTBEAT, time.time())
 
     def enqueue_seeds(self) -> None:
         """Seed configurations go first, once per study (enqueue skips ones already there)."""
@@ -176,12 +202,15 @@ class StudyLoop:
         self.enqueue_seeds()
         for o in self.observers:
             o.study_started(self.ctx.name, total, load_records(self.study))
+        heart = threading.Thread(target=self._heartbeat, name="trial-heartbeat", daemon=True)
+        heart.start()
         try:
             if self.slots == 1:
                 self.work()
             else:
                 self._run_slots()
         finally:
+            self._stop_heart.set()
             records = load_records(self.study)
             for o in self.observers:
                 o.study_finished(records)
@@ -199,6 +228,8 @@ class StudyLoop:
             launched = False
             try:
                 launched = self.step()
+            except optuna.exceptions.UpdateFinishedTrialError as err:
+                print(f"autotune: another worker failed a trial of ours as silent; result dropped ({err})")
             finally:
                 with self._lock:
                     self._in_flight -= 1
@@ -246,6 +277,16 @@ class StudyLoop:
         """One ask/tell; True when a server was launched."""
         trial = self.study.ask()
         trial.set_user_attr(R.OWNER, _owner())
+        trial.set_user_attr(R.HEARTBEAT, time.time())
+        with self._lock:
+            self._beating.add(trial._trial_id)
+        try:
+            return self._step(trial)
+        finally:
+            with self._lock:
+                self._beating.discard(trial._trial_id)
+
+    def _step(self, trial: optuna.Trial) -> bool:
         params = self.ctx.space.suggest(trial)
         try:
             config = self.ctx.space.deployment(self.ctx.base, params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,30 @@ def test_every_sampler_walks_a_conditional_space(sampler: str, tmp_path: Path) -
         trial.set_constraint("slo", -1.0)
         study.tell(trial, [float(params.get("scheduler.max_num_seqs", 1)), 1.0])
     assert seen and all(dict(p).get("scheduler.policy") in ("request", "continuous") for p in seen)
+
+
+def test_a_silent_trial_of_another_machine_is_retryable_and_a_beating_one_is_not(tmp_path: Path) -> None:
+    import time
+
+    ctx = context(tmp_path, ONE_CONFIG, "study.heartbeat_s=0.1")
+    study = open_study(ctx)
+    silent, beating = study.ask(), study.ask()
+    for trial in (silent, beating):
+        trial.suggest_categorical("scheduler.policy", ["continuous"])
+        trial.set_user_attr(R.OWNER, "another-host:4242")  # not ours to judge by pid
+    silent.set_user_attr(R.HEARTBEAT, time.time() - 60)
+    beating.set_user_attr(R.HEARTBEAT, time.time() - 60)
+
+    loop = StudyLoop(ctx, study)
+    loop._beating.add(beating._trial_id)  # this worker keeps trial 1 alive
+    heart = threading.Thread(target=loop._heartbeat)
+    heart.start()
+    time.sleep(0.35)
+    loop.fail_orphans()
+    loop._stop_heart.set()
+    heart.join()
+
+    first, second = study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs[R.RETRYABLE] is True
+    assert "no heartbeat from another-host:4242" in first.user_attrs[R.REASON]
+    assert second.state == TrialState.RUNNING and time.time() - second.user_attrs[R.HEARTBEAT] < 1
