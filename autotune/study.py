@@ -155,7 +155,8 @@ class StudyLoop:
             with self._lock:
                 beating = list(self._beating)
             for trial_id in beating:
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                # a finished trial needs no beat; a locked or unreachable database gets the next one
+                with contextlib.suppress(Exception):
                     self.study._storage.set_trial_user_attr(trial_id, R.HEARTBEAT, time.time())
 
     def enqueue_seeds(self) -> None:
