@@ -128,9 +128,10 @@ class StudyLoop:
         )
         return self.measured() + self._in_flight + elsewhere
 
-    def fail_orphans(self) -> None:
+    def fail_orphans(self) -> int:
         """RUNNING trials of a dead worker become retryable failures: its process on this host is gone,
-        or (any host) its heartbeat stopped 4 x study.heartbeat_s ago."""
+        or (any host) its heartbeat stopped 4 x study.heartbeat_s ago. Returns how many."""
+        failed = 0
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.user_attrs.get(R.OWNER)
             if owner and not _alive(owner):
@@ -140,9 +141,19 @@ class StudyLoop:
                 reason = f"interrupted (no heartbeat from {owner} for {silent_s:.0f} s)"
             else:
                 continue
-            self.study._storage.set_trial_user_attr(t._trial_id, R.REASON, reason)
-            self.study._storage.set_trial_user_attr(t._trial_id, R.RETRYABLE, True)
-            self.study.tell(t.number, state=TrialState.FAIL)
+            try:
+                self.study._storage.set_trial_user_attr(t._trial_id, R.REASON, reason)
+                self.study._storage.set_trial_user_attr(t._trial_id, R.RETRYABLE, True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker got there first
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            failed += 1
+        return failed
+
+    def recover(self) -> None:
+        """Retry what dead workers left RUNNING; checked before every trial, not only at start-up."""
+        if self.fail_orphans():
+            self.requeue_interrupted()
 
     def _silent(self, trial: FrozenTrial) -> bool:
         beat = trial.user_attrs.get(R.HEARTBEAT)
@@ -199,7 +210,7 @@ class StudyLoop:
     def run(self) -> list[TrialRecord]:
         total = self.ctx.settings.study.n_trials
         self.fail_orphans()
-        self.requeue_interrupted()
+        self.requeue_interrupted()  # also the ones a Ctrl-C left for this run
         self.enqueue_seeds()
         for o in self.observers:
             o.study_started(self.ctx.name, total, load_records(self.study))
@@ -221,11 +232,23 @@ class StudyLoop:
     def work(self) -> None:
         """Ask, check and measure until the budget is reached (the main thread, or one trial slot)."""
         total = self.ctx.settings.study.n_trials
+        told_waiting = False
         while not self.cancel.is_set():
             with self._lock:
-                if self._exhausted or self.budget_used() >= total:
+                self.recover()
+                if self._exhausted or self.measured() + self._in_flight >= total:
                     return
-                self._in_flight += 1
+                others = self.budget_used() >= total
+                if not others:
+                    self._in_flight += 1
+            if others:  # the rest is being measured by other workers: stay to retry it if one dies
+                if not told_waiting:
+                    print(
+                        "autotune: waiting for trials running on other workers (a dead one's is retried here)"
+                    )
+                    told_waiting = True
+                self.cancel.wait(min(5.0, self.ctx.settings.study.heartbeat_s))
+                continue
             launched = False
             try:
                 launched = self.step()

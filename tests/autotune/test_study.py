@@ -258,3 +258,37 @@ def test_a_silent_trial_of_another_machine_is_retryable_and_a_beating_one_is_not
     assert first.state == TrialState.FAIL and first.user_attrs[R.RETRYABLE] is True
     assert "no heartbeat from another-host:4242" in first.user_attrs[R.REASON]
     assert second.state == TrialState.RUNNING and time.time() - second.user_attrs[R.HEARTBEAT] < 1
+
+
+def test_a_worker_waits_for_other_workers_trials_and_retries_one_that_goes_silent(tmp_path: Path) -> None:
+    """The budget is reached only by another machine's running trial: this worker stays, and when that
+    trial's heartbeat stops it takes the configuration over (here the planner prunes it: no server)."""
+    import time
+
+    space = {**ONE_CONFIG, "base": {**ONE_CONFIG["base"], "cache.kv_cache_memory_gb": 8.0}}
+    ctx = context(
+        tmp_path,
+        space,
+        "study.n_trials=1",
+        "study.heartbeat_s=0.1",
+        "study.max_repeats=2",
+        "planner.memory_limit_gb=2",
+    )
+    study = open_study(ctx)
+    foreign = study.ask()
+    foreign.suggest_categorical("scheduler.policy", ["continuous"])
+    foreign.set_user_attr(R.OWNER, "another-host:4242")
+    foreign.set_user_attr(R.DEVICES, "cpus 0-1")
+    foreign.set_user_attr(R.HEARTBEAT, time.time() + 1.0)  # alive for ~1.4 s from now
+
+    loop = StudyLoop(ctx, study)
+    started = time.monotonic()
+    loop.work()
+    waited = time.monotonic() - started
+
+    assert waited > 1.0  # it did not leave while the other worker's trial was alive
+    first, retry, *repeats = study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs[R.RETRYABLE] is True
+    assert retry.params == first.params and retry.state == TrialState.PRUNED
+    assert "memory: needs" in retry.user_attrs[R.REASON]
+    assert len(repeats) == 1 and repeats[0].user_attrs[R.REPEAT_OF] == retry.number
