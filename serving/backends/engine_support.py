@@ -28,8 +28,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 class ExternalEngineBackend(ServingBackend):
     """A backend whose server is `<engine python> -m <entrypoint> <mapped flags> <extra flags>`.
 
-    Subclasses set the class attributes below and write validate(), engine_args() and env().
+    Subclasses set the class attributes below and write engine_problems(), engine_args() and env().
     """
+
+    title: str
+    """The engine's own spelling, for messages ("vLLM")."""
 
     python_env: str
     """Environment variable naming the engine's interpreter."""
@@ -39,6 +42,11 @@ class ExternalEngineBackend(ServingBackend):
     """The interpreter used when python_env is unset."""
     entrypoint: str
     """The module run with `python -m`."""
+    log_levels: tuple[str, ...]
+    log_level_flag: str
+    """server.log_level must be one of log_levels, passed as this flag."""
+    no_sjf: str
+    """Why scheduler.queue_order=sjf is refused: what the engine's queue policies are instead."""
 
     def __init__(self, *, python: Path | None = None, extra: Sequence[str] | None = None) -> None:
         """python / extra override $python_env / $extra_args_env (tests, other tools)."""
@@ -58,6 +66,33 @@ class ExternalEngineBackend(ServingBackend):
         extra = extra_args(self.extra_args_env, self._extra)
         check_no_overlap(extra, mapped, self.name, self.extra_args_env)
         return [str(self.python), "-m", self.entrypoint, *mapped, *extra]
+
+    def validate(self, config: DeploymentConfig) -> None:
+        """Every knob the engine lacks, named in one ConfigError (both engines batch continuously)."""
+        if config.backend != self.name:
+            raise ConfigError(
+                f"backend={config.backend!r} handed to the {self.title} backend; use get_backend()"
+            )
+        problems = []
+        if config.scheduler.policy != "continuous":
+            problems.append(
+                f"scheduler.policy={config.scheduler.policy!r}: {self.title} only batches continuously "
+                "(iteration-level); use scheduler.policy=continuous or backend=builtin"
+            )
+        if config.scheduler.queue_order == "sjf":
+            problems.append(f"scheduler.queue_order='sjf': {self.no_sjf}")
+        if config.server.log_level not in self.log_levels:
+            problems.append(
+                f"server.log_level={config.server.log_level!r}: {self.title}'s {self.log_level_flag} takes "
+                f"{', '.join(self.log_levels)}"
+            )
+        problems += self.engine_problems(config)
+        if problems:
+            raise ConfigError(f"backend {self.name!r} cannot honour: " + "; ".join(problems))
+
+    @abstractmethod
+    def engine_problems(self, config: DeploymentConfig) -> list[str]:
+        """What else this engine cannot honour, one message per field naming the fix."""
 
     @abstractmethod
     def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:

@@ -44,21 +44,17 @@ class SGLangBackend(ExternalEngineBackend):
     default_python = DEFAULT_PYTHON
     entrypoint = ENTRYPOINT
 
-    def validate(self, config: DeploymentConfig) -> None:
-        """SGLang batches continuously (RadixAttention over a paged token pool)."""
-        if config.backend != self.name:
-            raise ConfigError(f"backend={config.backend!r} handed to the SGLang backend; use get_backend()")
+    title = "SGLang"
+    log_levels = LOG_LEVELS
+    log_level_flag = "--log-level"
+    no_sjf = (
+        "SGLang's --schedule-policy has no shortest-prompt-first (it has fcfs, lpm, lof, random, "
+        "dfs-weight); use fcfs or priority"
+    )
+
+    def engine_problems(self, config: DeploymentConfig) -> list[str]:
+        """SGLang attends over its paged pool or with torch_native; it quantises in flight to fp8 only."""
         problems = []
-        if config.scheduler.policy != "continuous":
-            problems.append(
-                f"scheduler.policy={config.scheduler.policy!r}: SGLang only batches continuously; "
-                "use scheduler.policy=continuous or backend=builtin"
-            )
-        if config.scheduler.queue_order == "sjf":
-            problems.append(
-                "scheduler.queue_order='sjf': SGLang's --schedule-policy has no shortest-prompt-first "
-                "(it has fcfs, lpm, lof, random, dfs-weight); use fcfs or priority"
-            )
         if config.attention == "eager":
             problems.append("attention='eager': SGLang has no unfused attention; use paged or sdpa")
         if config.precision.quantization != "none":
@@ -67,17 +63,11 @@ class SGLangBackend(ExternalEngineBackend):
                 "to fp8 (not a DeploymentConfig choice); int8/int4/bitsandbytes need a pre-quantised "
                 "checkpoint; use precision.quantization=none"
             )
-        if config.server.log_level not in LOG_LEVELS:
-            problems.append(
-                f"server.log_level={config.server.log_level!r}: SGLang's --log-level takes "
-                f"{', '.join(LOG_LEVELS)}"
-            )
         try:
             kv_pool_tokens(config)
         except ConfigError as err:
             problems.append(str(err).removeprefix("backend 'sglang': "))
-        if problems:
-            raise ConfigError("backend 'sglang' cannot honour: " + "; ".join(problems))
+        return problems
 
     def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:
         """The DeploymentConfig as SGLang ServerArgs flags (every field is here or refused by validate())."""

@@ -49,20 +49,14 @@ class VLLMBackend(ExternalEngineBackend):
     default_python = DEFAULT_PYTHON
     entrypoint = ENTRYPOINT
 
-    def validate(self, config: DeploymentConfig) -> None:
-        """vLLM schedules iteration by iteration (continuous batching), always over a paged KV cache."""
-        if config.backend != self.name:
-            raise ConfigError(f"backend={config.backend!r} handed to the vLLM backend; use get_backend()")
+    title = "vLLM"
+    log_levels = UVICORN_LOG_LEVELS
+    log_level_flag = "--uvicorn-log-level"
+    no_sjf = "vLLM's --scheduling-policy has fcfs and priority only"
+
+    def engine_problems(self, config: DeploymentConfig) -> list[str]:
+        """vLLM always attends over its paged KV cache; in-flight quantisation only on CUDA."""
         problems = []
-        if config.scheduler.policy != "continuous":
-            problems.append(
-                f"scheduler.policy={config.scheduler.policy!r}: vLLM only batches continuously "
-                "(iteration-level); use scheduler.policy=continuous or backend=builtin"
-            )
-        if config.scheduler.queue_order == "sjf":
-            problems.append(
-                "scheduler.queue_order='sjf': vLLM's --scheduling-policy has fcfs and priority only"
-            )
         if config.attention != "paged":
             problems.append(
                 f"attention={config.attention!r}: vLLM always attends over its paged KV cache; "
@@ -87,13 +81,7 @@ class VLLMBackend(ExternalEngineBackend):
                 f"parallel.dp_routing={config.parallel.dp_routing!r}: vLLM balances data-parallel "
                 "ranks by their queue lengths; use parallel.dp_routing=least_outstanding"
             )
-        if config.server.log_level not in UVICORN_LOG_LEVELS:
-            problems.append(
-                f"server.log_level={config.server.log_level!r}: vLLM's --uvicorn-log-level takes "
-                f"{', '.join(UVICORN_LOG_LEVELS)}"
-            )
-        if problems:
-            raise ConfigError("backend 'vllm' cannot honour: " + "; ".join(problems))
+        return problems
 
     def engine_args(self, config: DeploymentConfig, port: int) -> list[str]:
         """The DeploymentConfig as vLLM flags (every field is either here or refused by validate())."""
