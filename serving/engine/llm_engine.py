@@ -164,13 +164,17 @@ class LLMEngine:
         sampled = self.runner.execute(out)
         outputs = self.scheduler.postprocess(out, sampled)
         self.last_step_seconds = time.perf_counter() - started
+        self.account(outputs)
+        return outputs
+
+    def account(self, outputs: list[RequestOutput]) -> None:
+        """Token counters for /metrics; a finished request's KV blocks go back to the pool."""
         for o in outputs:
             if o.num_output_tokens == 1:
                 self.num_prompt_tokens_total += o.num_prompt_tokens
             if o.finished:
                 self.runner.release(o.request_id)
         self.num_generation_tokens_total += len(outputs)
-        return outputs
 
     def stats(self) -> EngineStats:
         return EngineStats(

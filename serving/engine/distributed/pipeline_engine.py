@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from prometheus_client import CollectorRegistry
 
 from serving.config import DeploymentConfig
 from serving.engine.distributed.build import RankGroup
-from serving.engine.distributed.metrics import ParallelCollector
+from serving.engine.distributed.group_engine import RankGroupEngine
 from serving.engine.distributed.pipeline import (
     TAG_HIDDEN,
     TAG_LOGITS,
@@ -35,7 +34,6 @@ from serving.engine.distributed.pipeline import (
 )
 from serving.engine.distributed.step_codec import encode
 from serving.engine.distributed.tensor_parallel import strip_caches
-from serving.engine.llm_engine import LLMEngine, eos_token_ids
 from serving.engine.model_runner import ModelRunner, model_dtype
 from serving.engine.outputs import RequestOutput
 from serving.engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -126,8 +124,8 @@ class PipelineRunner(ModelRunner):
         return [by_seq[id(r.seq)] for r in mb.out.scheduled if r.sample]
 
 
-class PipelineEngine(LLMEngine):
-    """LLMEngine whose step keeps up to `depth` micro-batches of disjoint sequences in the pipeline."""
+class PipelineEngine(RankGroupEngine):
+    """Rank 0's engine whose step keeps up to `depth` micro-batches of disjoint sequences in the pipeline."""
 
     def __init__(
         self,
@@ -137,12 +135,9 @@ class PipelineEngine(LLMEngine):
         group: RankGroup,
         num_blocks: int,
     ) -> None:
-        eos = eos_token_ids(model, tokenizer)
         num_layers = len(decoder_of(model).layers)
         start, _ = make_stage(model, 0, config.parallel.pp)
-        super().__init__(config, model, eos_token_ids=eos, num_blocks=num_blocks)
-        self.tokenizer = tokenizer
-        self.group = group
+        super().__init__(config, model, tokenizer, group, num_blocks)
         device = next(iter(model.parameters())).device
         self.runner: PipelineRunner = PipelineRunner(
             model, config, num_blocks, start, num_layers, group, device
@@ -201,19 +196,11 @@ class PipelineEngine(LLMEngine):
         now = time.perf_counter()
         self.last_step_seconds = now - max(self._last_complete, mb.started)
         self._last_complete = now
-        for o in outputs:
-            if o.num_output_tokens == 1:
-                self.num_prompt_tokens_total += o.num_prompt_tokens
-            if o.finished:
-                self.runner.release(o.request_id)
-        self.num_generation_tokens_total += len(outputs)
+        self.account(outputs)
         return outputs
-
-    def register_metrics(self, registry: CollectorRegistry, labels: dict[str, str] | None = None) -> None:
-        registry.register(ParallelCollector(self, labels or {}))
 
     def close(self) -> None:
         for mb in self.inflight:
             mb.wait()
         self.inflight.clear()
-        self.group.stop()
+        super().close()

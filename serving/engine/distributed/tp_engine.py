@@ -7,18 +7,16 @@ import os
 from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry
 
 from serving.config import DeploymentConfig
 from serving.engine.distributed.build import RankGroup
-from serving.engine.distributed.metrics import ParallelCollector
+from serving.engine.distributed.group_engine import RankGroupEngine
 from serving.engine.distributed.placement import ALLREDUCE_ENV
 from serving.engine.distributed.tensor_parallel import AllReduceTimer, StepBroadcaster
-from serving.engine.llm_engine import LLMEngine, eos_token_ids
 from serving.engine.outputs import RequestOutput
 
 
-class TensorParallelEngine(LLMEngine):
+class TensorParallelEngine(RankGroupEngine):
     """Scheduler, block manager and sampling on rank 0; every forward runs on all tp ranks."""
 
     def __init__(
@@ -29,9 +27,7 @@ class TensorParallelEngine(LLMEngine):
         group: RankGroup,
         num_blocks: int,
     ) -> None:
-        super().__init__(config, model, eos_token_ids=eos_token_ids(model, tokenizer), num_blocks=num_blocks)
-        self.tokenizer = tokenizer
-        self.group = group
+        super().__init__(config, model, tokenizer, group, num_blocks)
         self.broadcaster = StepBroadcaster(group.workers)
         self.broadcaster.attach(model)
         self.allreduce = AllReduceTimer()
@@ -45,9 +41,3 @@ class TensorParallelEngine(LLMEngine):
             self.group.busy[0].add(self.last_step_seconds)
             self.num_steps += 1
         return outputs
-
-    def register_metrics(self, registry: CollectorRegistry, labels: dict[str, str] | None = None) -> None:
-        registry.register(ParallelCollector(self, labels or {}))
-
-    def close(self) -> None:
-        self.group.stop()
