@@ -7,8 +7,10 @@
 #   AUTOTUNE_PG_DIR   cluster directory (default <repo>/.cache/postgres; data, log and socket live there)
 #   AUTOTUNE_PG_PORT  TCP port on 127.0.0.1 (default: the port this cluster used before, else 55432,
 #                     else a free one)
-# The cluster trusts connections from 127.0.0.1 only (user and database `autotune`, no password): a test
-# and single-user store. For machines that share a study, see docs/gpu.md. Stop it: scripts/stop_postgres.sh
+# The cluster trusts connections from 127.0.0.1 only (user `autotune`, no password): a test and
+# single-user store. Two databases: `autotune` for Optuna studies (the URL printed) and `mlflow` for an
+# MLflow tracking server (`mlflow server --backend-store-uri <URL with /mlflow>`; the two cannot share one
+# database: both keep their schema version in a table named alembic_version). For machines that share a study, see docs/gpu.md. Stop it: scripts/stop_postgres.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,11 +63,25 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+MLFLOW_DB_NAME="mlflow"
+
 url_for() { echo "postgresql://$PGUSER_NAME@127.0.0.1:$1/$PGDB_NAME"; }
+
+create_databases() {
+    local db
+    for db in "$PGDB_NAME" "$MLFLOW_DB_NAME"; do
+        if ! as_owner "$BIN/psql" -h 127.0.0.1 -p "$1" -U "$PGUSER_NAME" -d postgres -tAc \
+            "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+            as_owner "$BIN/createdb" -h 127.0.0.1 -p "$1" -U "$PGUSER_NAME" "$db"
+        fi
+    done
+    log "Optuna studies: $(url_for "$1"); MLflow server store: postgresql://$PGUSER_NAME@127.0.0.1:$1/$MLFLOW_DB_NAME"
+}
 
 if [[ -f "$DATA/PG_VERSION" ]] && as_owner "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
     PORT="$(cat "$PGDIR/port")"
     log "already running on port $PORT (data $DATA)"
+    create_databases "$PORT"
     url_for "$PORT"
     exit 0
 fi
@@ -98,8 +114,5 @@ as_owner "$BIN/pg_ctl" -D "$DATA" -l "$PGDIR/server.log" -w -t 60 start \
     -o "-p $PORT -c listen_addresses=127.0.0.1 -k $PGDIR -c max_connections=200" >&2 \
     || { tail -20 "$PGDIR/server.log" >&2; exit 1; }
 
-if ! as_owner "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U "$PGUSER_NAME" -d postgres -tAc \
-    "SELECT 1 FROM pg_database WHERE datname = '$PGDB_NAME'" | grep -q 1; then
-    as_owner "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U "$PGUSER_NAME" "$PGDB_NAME"
-fi
+create_databases "$PORT"
 url_for "$PORT"
