@@ -18,7 +18,7 @@ from autotune.settings import RunSettings
 from autotune.space import SearchSpace, load_space
 from autotune.trial_runner import Traffic
 from serving.backends import get_backend
-from serving.config import ConfigError, DeploymentConfig
+from serving.config import ConfigError, DeploymentConfig, flatten
 
 
 @dataclass(frozen=True)
@@ -79,19 +79,9 @@ class StudyContext:
         return None, plan
 
 
-def flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in (mapping or {}).items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def base_deployment(space: SearchSpace, overrides: dict[str, Any]) -> DeploymentConfig:
     """Space base, then the run config's fixed values; a key that is also a dimension is an error."""
-    fixed = flatten(overrides)
+    fixed = flatten(overrides or {})
     dims = {d.name for d in space.dimensions}
     clash = sorted(set(fixed) & dims)
     if clash:

@@ -34,7 +34,7 @@ from autotune.observer import StudyObserver
 from autotune.results import TrialRecord, load_records, record_of
 from autotune.samplers import make_sampler
 from autotune.trial_runner import TrialCancelled, TrialOutcome, run_trial
-from serving.config import ConfigError, DeploymentConfig
+from serving.config import ConfigError, DeploymentConfig, flatten
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
@@ -66,7 +66,31 @@ def open_study(ctx: StudyContext) -> optuna.Study:
             f"study {ctx.name!r} in {ctx.storage_url} optimises {list(names)}, not {ctx.objectives.names}: "
             "use another study.name for other objectives"
         )
+    _check_traffic(study, ctx)
     return study
+
+
+TRAFFIC_ATTR = "autotune.traffic"
+"""Study user attr: the workload, arrival and SLO every trial of the study was measured under."""
+
+
+def _check_traffic(study: optuna.Study, ctx: StudyContext) -> None:
+    """Results are comparable only under one traffic: a run (or worker) with other traffic is refused."""
+    s = ctx.settings
+    now = json.loads(
+        json.dumps(flatten({"workload": s.workload, "arrival": s.arrival, "slo": s.slo or {}}), default=str)
+    )
+    stored = study.user_attrs.get(TRAFFIC_ATTR)
+    if stored is None:
+        study.set_user_attr(TRAFFIC_ATTR, now)
+        return
+    differ = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    if differ:
+        shown = "; ".join(f"{k}={stored.get(k)!r} there, {now.get(k)!r} now" for k in differ[:5])
+        raise ValueError(
+            f"study {ctx.name!r} in {ctx.storage_url} was measured under other traffic ({shown}): "
+            "its results would not be comparable; use the study's overrides, or another study.name"
+        )
 
 
 def _owner() -> str:

@@ -1,15 +1,20 @@
 """Many workers, one study, on a real PostgreSQL server (scripts/start_postgres.sh starts a private cluster).
 
-Two `autotune worker` processes join one study and one fresh MLflow store: every configuration is measured
-once, no trial is left behind in RUNNING, both workers measure, MLflow holds one parent run with each
-measured trial logged once, and the front is computed from both.
+Two `autotune worker` processes join one study and log to one MLflow tracking server (`mlflow server` on
+loopback, its store a fresh database of the same cluster): every configuration is measured once, no trial
+is left behind in RUNNING, both workers measure, MLflow holds one parent run with each measured trial
+logged once (with its files, uploaded through the server), and the front is computed from both.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +74,68 @@ def postgres_url() -> Iterator[str]:
             subprocess.run([str(STOP)], capture_output=True, timeout=120, check=True)
 
 
+@pytest.fixture
+def mlflow_server(postgres_url: str, tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` in its own process group on a fresh database; its URL. Stopped and dropped after."""
+    import psycopg
+
+    database = f"mlflow_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = postgres_url.rsplit("/", 1)[0] + "/" + database
+    log = tmp_path / "mlflow-server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--workers", "1",
+             "--artifacts-destination", str(tmp_path / "mlflow-artifacts"), "--host", "127.0.0.1",
+             "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"mlflow server exited:\n{log.read_text(errors='replace')[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"mlflow server not healthy:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        _wait_group_gone(server.pid)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 30) -> None:
+    """The server's uvicorn workers and job runner share its group: all of them must be gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+            raise AssertionError(f"processes of the mlflow server group {pgid} outlived SIGTERM")
+        time.sleep(0.2)
+
+
 def test_optuna_rdb_storage_creates_and_loads_a_study(postgres_url: str) -> None:
     name = f"rdb-{uuid.uuid4().hex[:8]}"
     storage = optuna.storages.RDBStorage(postgres_url)
@@ -92,10 +159,10 @@ def _worker(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
+def test_two_workers_share_one_study(postgres_url: str, mlflow_server: str, tmp_path: Path) -> None:
     n_trials = 4
     study_args = [*TINY, f"study.name=pg-{uuid.uuid4().hex[:8]}", f"study.storage={postgres_url}"]
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # created by whichever worker comes first
+    mlflow_uri = mlflow_server
     tracked = [a for a in study_args if a != "tracking=none"] + [f"tracking.uri={mlflow_uri}"]
     args = [*tracked, f"study.n_trials={n_trials}"]
     for i in range(2):
@@ -136,6 +203,9 @@ def test_two_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
     assert logged == sorted(
         {t.number for t in trials if t.state in FINISHED and t.user_attrs.get(R.REPEAT_OF) is None}
     )
+    complete = next(r for r in runs if r.data.tags.get("state") == "COMPLETE")
+    files = {a.path for a in client.list_artifacts(complete.info.run_id)}
+    assert {"server.log", "summary.json"} <= files, files  # uploaded through the tracking server
 
     best = tmp_path / "best.yaml"
     export_args = [*study_args, "export.policy=knee", f"export.output={best}"]

@@ -292,3 +292,11 @@ def test_a_worker_waits_for_other_workers_trials_and_retries_one_that_goes_silen
     assert retry.params == first.params and retry.state == TrialState.PRUNED
     assert "memory: needs" in retry.user_attrs[R.REASON]
     assert len(repeats) == 1 and repeats[0].user_attrs[R.REPEAT_OF] == retry.number
+
+
+def test_reopening_under_other_traffic_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    open_study(context(tmp_path, ONE_CONFIG))
+    open_study(context(tmp_path, ONE_CONFIG, "study.n_trials=20", "study.parallel_trials=2"))  # fine
+    with pytest.raises(ValueError, match=r"workload\.output_len\.mean=64 there, 128 now") as err:
+        open_study(context(tmp_path, ONE_CONFIG, "workload.output_len.mean=128", "slo.ttft_ms=500"))
+    assert "slo.ttft_ms=2000 there, 500 now" in str(err.value) and "another study.name" in str(err.value)
