@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +25,26 @@ from serving.config import ConfigError
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[threading.Event]:
     """SIGTERM (a batch system, `kill`) ends the study like Ctrl-C: the running server is stopped, the
-    trial is marked retryable, the report is written."""
+    trial is marked retryable, the report is written.
+
+    Yields the event both signals set. Python raises the KeyboardInterrupt wherever the main thread is,
+    and a weakref or __del__ callback swallows it ("Exception ignored in ..."); the study loop watches
+    the event too, so such a signal still stops the trial.
+    """
+    stop = threading.Event()
 
     def interrupt(signum: int, frame: object) -> None:
+        stop.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass

@@ -113,7 +113,13 @@ def _alive(owner: str) -> bool:
 class StudyLoop:
     """Runs trials until `study.n_trials` configurations have been measured (resumed ones included)."""
 
-    def __init__(self, ctx: StudyContext, study: optuna.Study, observers: Sequence[StudyObserver] = ()):
+    def __init__(
+        self,
+        ctx: StudyContext,
+        study: optuna.Study,
+        observers: Sequence[StudyObserver] = (),
+        cancel: threading.Event | None = None,
+    ):
         self.ctx = ctx
         self.study = study
         self.observers = list(observers)
@@ -121,7 +127,7 @@ class StudyLoop:
         self.slots = ctx.settings.study.parallel_trials
         self.pool = DevicePool(ctx.devices, self.slots, ctx.settings.trial.server_cpus)
         self.claims = ConfigClaims(ctx.storage_url, ctx.name)
-        self.cancel = threading.Event()
+        self.cancel = cancel or threading.Event()
         """Set on Ctrl-C / SIGTERM (or a crashed slot): every running trial stops and is recorded."""
         self._lock = threading.RLock()
         """Serialises observers and the loop's counters across trial threads."""
@@ -245,6 +251,8 @@ class StudyLoop:
                 self.work()
             else:
                 self._run_slots()
+            if self.cancel.is_set():  # a signal whose KeyboardInterrupt was swallowed on the way
+                raise KeyboardInterrupt
         finally:
             self._stop_heart.set()
             records = load_records(self.study)

@@ -48,8 +48,8 @@ def run_session(session: Session) -> int:
     observers = [view, *([tracker] if tracker else [])]
     interrupted = False
     try:
-        with sigterm_as_interrupt():
-            records = StudyLoop(ctx, study, observers).run()
+        with sigterm_as_interrupt() as stop:
+            records = StudyLoop(ctx, study, observers, cancel=stop).run()
     except KeyboardInterrupt:
         interrupted = True
         records = load_records(study)

@@ -38,8 +38,8 @@ def main(argv: Sequence[str]) -> int:
         *([tracker] if tracker else []),
     ]
     try:
-        with sigterm_as_interrupt():
-            StudyLoop(ctx, study, observers).run()
+        with sigterm_as_interrupt() as stop:
+            StudyLoop(ctx, study, observers, cancel=stop).run()
     except KeyboardInterrupt:
         print("\nautotune worker: interrupted", file=sys.stderr)
         return 130

@@ -300,3 +300,25 @@ def test_reopening_under_other_traffic_is_refused_naming_the_keys(tmp_path: Path
     with pytest.raises(ValueError, match=r"workload\.output_len\.mean=64 there, 128 now") as err:
         open_study(context(tmp_path, ONE_CONFIG, "workload.output_len.mean=128", "slo.ttft_ms=500"))
     assert "slo.ttft_ms=2000 there, 500 now" in str(err.value) and "another study.name" in str(err.value)
+
+
+def test_a_signal_whose_interrupt_is_swallowed_still_stops_the_study(tmp_path: Path) -> None:
+    """Python raises a signal's KeyboardInterrupt wherever the main thread is; inside a weakref callback
+    it is printed and dropped. The event the handler sets makes the loop stop anyway (exit 130 path)."""
+    import contextlib
+    import os
+    import signal
+
+    from autotune.session import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt() as stop:
+        with contextlib.suppress(KeyboardInterrupt):  # what a callback that swallows it does
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+        assert stop.is_set()
+        ctx = context(tmp_path, ONE_CONFIG, "study.n_trials=1")
+        study = open_study(ctx)
+        with pytest.raises(KeyboardInterrupt):
+            StudyLoop(ctx, study, cancel=stop).run()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert study.trials == []  # nothing was asked, nothing launched
