@@ -138,6 +138,8 @@ class StudyLoop:
         self._beating: set[int] = set()
         """Trial ids of ours that are RUNNING: the heartbeat thread refreshes them."""
         self._stop_heart = threading.Event()
+        self._unbeaten: dict[int, float] = {}
+        """RUNNING trials of others seen without a heartbeat yet: trial id -> when first seen."""
 
     # --- bookkeeping -----------------------------------------------------------------------------
 
@@ -154,8 +156,8 @@ class StudyLoop:
         elsewhere = sum(
             1
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get(R.DEVICES) and t.user_attrs.get(R.OWNER) != me and not self._silent(t)
-        )
+            if t.user_attrs.get(R.OWNER) != me and not self._silent(t)
+        )  # also ones not yet known to be measured (a repeat ends in ms; then the waiting worker goes on)
         return self.measured() + self._in_flight + elsewhere
 
     def fail_orphans(self) -> int:
@@ -167,8 +169,9 @@ class StudyLoop:
             if owner and not _alive(owner):
                 reason = "interrupted (process gone)"
             elif self._silent(t):
-                silent_s = time.time() - float(t.user_attrs[R.HEARTBEAT])
-                reason = f"interrupted (no heartbeat from {owner} for {silent_s:.0f} s)"
+                reason = (
+                    f"interrupted (no heartbeat from {owner or 'its worker'} for {self._silence_s(t):.0f} s)"
+                )
             else:
                 continue
             try:
@@ -186,8 +189,16 @@ class StudyLoop:
             self.requeue_interrupted()
 
     def _silent(self, trial: FrozenTrial) -> bool:
+        return self._silence_s(trial) > 4 * self.ctx.settings.study.heartbeat_s
+
+    def _silence_s(self, trial: FrozenTrial) -> float:
+        """Seconds since the trial's last heartbeat. One without any (its worker died right after asking)
+        counts from when this worker first saw it: Optuna's start times are naive local clock times."""
         beat = trial.user_attrs.get(R.HEARTBEAT)
-        return beat is not None and time.time() - float(beat) > 4 * self.ctx.settings.study.heartbeat_s
+        if beat is not None:
+            return time.time() - float(beat)
+        first_seen = self._unbeaten.setdefault(trial._trial_id, time.time())
+        return time.time() - first_seen
 
     def _heartbeat(self) -> None:
         """Heartbeat thread: refresh every running trial of ours, so other workers know we are alive."""

@@ -322,3 +322,18 @@ def test_a_signal_whose_interrupt_is_swallowed_still_stops_the_study(tmp_path: P
             StudyLoop(ctx, study, cancel=stop).run()
     assert signal.getsignal(signal.SIGTERM) is before
     assert study.trials == []  # nothing was asked, nothing launched
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_path: Path) -> None:
+    import time
+
+    ctx = context(tmp_path, ONE_CONFIG, "study.heartbeat_s=0.1")
+    study = open_study(ctx)
+    orphan = study.ask()  # no owner, no heartbeat: its worker died right after asking
+    orphan.suggest_categorical("scheduler.policy", ["continuous"])
+    loop = StudyLoop(ctx, study)
+    assert loop.fail_orphans() == 0 and loop.budget_used() == 1  # it may still be starting: counted
+    time.sleep(0.5)  # 4 x heartbeat_s of this worker's own clock
+    assert loop.fail_orphans() == 1 and loop.budget_used() == 0
+    assert study.trials[0].user_attrs[R.RETRYABLE] is True
+    assert "no heartbeat from its worker" in study.trials[0].user_attrs[R.REASON]
