@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,6 +56,9 @@ class MlflowTracker(StudyObserver):
         for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
+        # MLflow prints two "View run" lines per finished run to stdout for a tracking server: noise
+        # between the live view's lines (`autotune run` prints the UI command once at the end).
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = resolve_uri(settings)
         self.client: MlflowClient = _client(self.uri)
         self.study_name = study_name
@@ -177,7 +181,7 @@ class MlflowTracker(StudyObserver):
         if not self.parent_id:
             return
         on_front = set(front)
-        for number, run_id in self.logged.items():
+        for number, run_id in {**self._logged_trials(), **self.logged}.items():  # other workers' runs too
             self.client.set_tag(run_id, "pareto", str(number in on_front).lower())
         now = int(time.time() * 1000)
         counts: dict[str, int] = {}

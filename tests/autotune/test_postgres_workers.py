@@ -203,6 +203,11 @@ def test_two_workers_share_one_study(postgres_url: str, mlflow_server: str, tmp_
     assert logged == sorted(
         {t.number for t in trials if t.state in FINISHED and t.user_attrs.get(R.REPEAT_OF) is None}
     )
+    assert parents[0].info.status == "FINISHED"  # closed by the workers at their end
+    on_front = [r for r in runs if r.data.tags.get("pareto") == "true"]
+    assert on_front, "no trial run tagged pareto=true (the workers tag every worker's runs)"
+    for i in range(2):  # each worker wrote the report from both workers' trials
+        assert (tmp_path / f"w{i}" / "reports" / study_args[-2].split("=", 1)[1] / "report.html").is_file()
     complete = next(r for r in runs if r.data.tags.get("state") == "COMPLETE")
     files = {a.path for a in client.list_artifacts(complete.info.run_id)}
     assert {"server.log", "summary.json"} <= files, files  # uploaded through the tracking server
