@@ -69,5 +69,7 @@ def print_summary(session: Session, files: ReportFiles, tracker: object | None) 
         print(f"no config exported: {files.selection_error}")
     print(f"report: {files.html}")
     uri = getattr(tracker, "uri", None)
-    if uri:
+    if uri and uri.startswith(("http://", "https://")):
+        print(f"MLflow: {uri}")  # a tracking server: its UI is already there
+    elif uri:
         print(f"MLflow: mlflow ui --backend-store-uri {uri}")
