@@ -43,6 +43,8 @@ def test_summarise_differs_from_chat_only_where_it_says() -> None:
 def test_the_vllm_backend_brings_its_own_space_unless_one_is_named() -> None:
     assert compose_config("chat", ["backend=vllm"]).search.space == "vllm"
     assert compose_config("chat", ["backend=vllm", "search=chat"]).search.space == "chat"
+    assert compose_config("summarise", ["backend=vllm"]).search.space == "vllm"
+    assert compose_config("summarise", ["backend=vllm", "search=summarise"]).search.space == "summarise"
     assert compose_config("chat", []).search.space == "chat"
     ctx = build_context(build_settings(compose_config("chat", ["backend=vllm"])))
     assert ctx.base.backend == "vllm" and ctx.base.cache.block_size % 32 == 0
