@@ -371,6 +371,10 @@ class StudyLoop:
         if reason:
             self._prune(trial, reason)
             return False
+        if self._budget_taken(trial.number):
+            total = self.ctx.settings.study.n_trials
+            self._prune(trial, f"budget: study.n_trials={total} taken by trials measured or asked earlier")
+            return False
         holder = self._claim(key, trial.number)
         if holder is not None:
             self._repeat(trial, holder)
@@ -384,6 +388,16 @@ class StudyLoop:
         finally:
             self.pool.release(allocation)
         return True
+
+    def _budget_taken(self, number: int) -> bool:
+        """Workers that read the budget at the same moment both ask; then the later trial (by number,
+        which the database assigns in order) yields, so the study measures exactly study.n_trials."""
+        ahead = sum(
+            1
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number < number and not self._silent(t)
+        )
+        return self.measured() + ahead >= self.ctx.settings.study.n_trials
 
     def _claim(self, key: str, number: int) -> FrozenTrial | None:
         """Claim `key` for trial `number`; the trial that holds it instead (None: ours to measure)."""

@@ -184,8 +184,7 @@ def test_two_workers_share_one_study(postgres_url: str, mlflow_server: str, tmp_
     measured = [t for t in trials if t.user_attrs.get(R.MEASURED)]
     keys = [t.user_attrs[R.CONFIG_KEY] for t in measured]
     assert len(keys) == len(set(keys)), f"a configuration was measured twice: {keys}"
-    # each worker stops once n_trials are measured in total; one may be mid-trial then (at most +1)
-    assert n_trials <= len(measured) <= n_trials + 1, logs
+    assert len(measured) == n_trials, logs  # workers count each other's trials; a later ask yields
     owners = {t.user_attrs[R.OWNER] for t in measured}
     assert len(owners) == 2, f"both workers should have measured a trial, owners: {owners}"
     assert any(t.state == TrialState.COMPLETE for t in measured), logs

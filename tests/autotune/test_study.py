@@ -337,3 +337,20 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_pat
     assert loop.fail_orphans() == 1 and loop.budget_used() == 0
     assert study.trials[0].user_attrs[R.RETRYABLE] is True
     assert "no heartbeat from its worker" in study.trials[0].user_attrs[R.REASON]
+
+
+def test_of_two_workers_that_read_the_budget_together_the_later_trial_yields(tmp_path: Path) -> None:
+    """Both saw one slot left and asked: the trial with the higher number is not launched."""
+    import time
+
+    ctx = context(tmp_path, ONE_CONFIG, "study.n_trials=1", "planner.memory_limit_gb=2")
+    study = open_study(ctx)
+    earlier = study.ask()  # the other worker's trial, asked a moment before ours
+    earlier.suggest_categorical("scheduler.policy", ["continuous"])
+    earlier.set_user_attr(R.OWNER, "another-host:4242")
+    earlier.set_user_attr(R.HEARTBEAT, time.time())
+    loop = StudyLoop(ctx, study)
+    assert loop.step() is False  # no server launched
+    ours = study.trials[-1]
+    assert ours.state == TrialState.PRUNED and "budget: study.n_trials=1" in ours.user_attrs[R.REASON]
+    assert loop.claims.claim(ours.user_attrs[R.CONFIG_KEY], ours.number) is None  # it claimed nothing
