@@ -148,6 +148,9 @@ class LiveView(StudyObserver):
         if self.live is not None:
             self.live.update(self.render())
 
+    def trials_seen(self, records: Sequence[TrialRecord]) -> None:
+        self.records = list(records)  # with several workers the count and best are the study's
+
     def trial_finished(self, record: TrialRecord, outcome: TrialOutcome | None) -> None:
         self.records = [r for r in self.records if r.number != record.number] + [record]
         self.running.pop(record.number, None)

@@ -1,8 +1,9 @@
 """StudyObserver: what the live view and the trackers hear from the study loop.
 
-Call order: study_started once; per trial trial_started, phase (zero or more), trial_finished; then
-study_finished once (also after an interruption). With study.parallel_trials > 1 the calls of several
-trials interleave, but never overlap: the loop makes them one at a time. Every method has a no-op default.
+Call order: study_started once; per trial trial_started, phase (zero or more), trials_seen,
+trial_finished; then study_finished once (also after an interruption). With study.parallel_trials > 1
+the calls of several trials interleave, but never overlap: the loop makes them one at a time. Every
+method has a no-op default.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class StudyObserver:
 
     def phase(self, number: int, text: str) -> None:
         """What trial `number` is doing (starting server, benchmarking, ...)."""
+
+    def trials_seen(self, records: Sequence[TrialRecord]) -> None:
+        """Every trial of the study now, other workers' included; called before each trial_finished."""
 
     def trial_finished(self, record: TrialRecord, outcome: TrialOutcome | None) -> None:
         """A trial ended (complete, failed, pruned or repeated); outcome is None when nothing launched."""

@@ -31,7 +31,7 @@ from autotune.claims import ConfigClaims
 from autotune.context import StudyContext
 from autotune.device_pool import Allocation, DevicePool
 from autotune.observer import StudyObserver
-from autotune.results import TrialRecord, load_records, record_of
+from autotune.results import TrialRecord, load_records
 from autotune.samplers import make_sampler
 from autotune.trial_runner import TrialCancelled, TrialOutcome, run_trial
 from serving.config import ConfigError, DeploymentConfig, flatten
@@ -483,7 +483,9 @@ class StudyLoop:
         self._notify(lambda o: o.phase(number, text))
 
     def _finished(self, number: int, outcome: TrialOutcome | None) -> None:
-        record = record_of(self.study.get_trials(deepcopy=False)[number])
+        records = load_records(self.study)  # other workers' trials too
+        record = records[number]
+        self._notify(lambda o: o.trials_seen(records))
         self._notify(lambda o: o.trial_finished(record, outcome))
 
     def _notify(self, call: Callable[[StudyObserver], None]) -> None:

@@ -197,6 +197,23 @@ def test_live_view_reports_progress_best_and_eta() -> None:
     assert "2/3 measured" in rendered and "best so far" in rendered and "front" in rendered
 
 
+def test_live_view_counts_other_workers_trials() -> None:
+    """The loop passes every trial of the study before each trial_finished: the count is the study's."""
+    import io
+
+    from rich.console import Console
+
+    from autotune.live import LiveView
+
+    out = io.StringIO()
+    view = LiveView(objectives_default(), mode="off", console=Console(file=out, width=200))
+    view.study_started("unit", 4, [])
+    view.trials_seen([rec(0, 100.0, 10.0, 5.0), rec(1, 50.0, 1.0, 1.0)])  # another worker's two
+    view.trial_finished(rec(2, 10.0, 30.0, 9.0), None)
+    assert "[3/4] #2" in out.getvalue()
+    assert view.best_lines()[1].startswith("p99_ttft_ms: 1 (#1")
+
+
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random", "grid"])
 def test_every_sampler_walks_a_conditional_space(sampler: str, tmp_path: Path) -> None:
     from autotune.samplers import make_sampler
