@@ -63,7 +63,8 @@ class StudySettings:
     """Live terminal view: auto (when stdout is a terminal) | on | off."""
     heartbeat_s: float = 30.0
     """Running trials refresh a heartbeat this often. A RUNNING trial silent for 4x as long (its worker
-    died, on any machine) is failed as retryable by the next worker that starts, and re-measured."""
+    died, on any machine) is failed as retryable by a live worker (checked before every trial) and
+    re-measured."""
     parallel_trials: int = 1
     """Trials measured at once, each on its own GPUs (or its own share of the CPU cores); a trial waits
     until its dp x tp x pp devices are free. On a CPU-only machine concurrent trials also share memory

@@ -152,13 +152,18 @@ class StudyLoop:
 
     def budget_used(self) -> int:
         """Measured configs, plus ours in flight, plus other workers' trials being measured right now."""
+        return self.measured() + self._in_flight + self._running_elsewhere()
+
+    def _running_elsewhere(self) -> int:
+        """Other workers' live RUNNING trials, also ones not yet known to be measured (a repeat ends in
+        ms; then a waiting worker goes on)."""
         me = _owner()
-        elsewhere = sum(
-            1
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get(R.OWNER) != me and not self._silent(t)
-        )  # also ones not yet known to be measured (a repeat ends in ms; then the waiting worker goes on)
-        return self.measured() + self._in_flight + elsewhere
+        return sum(1 for t in self._live_running() if t.user_attrs.get(R.OWNER) != me)
+
+    def _live_running(self) -> list[FrozenTrial]:
+        """RUNNING trials whose worker still beats (any worker's, ours included)."""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t for t in running if not self._silent(t)]
 
     def fail_orphans(self) -> int:
         """RUNNING trials of a dead worker become retryable failures: its process on this host is gone,
@@ -279,9 +284,10 @@ class StudyLoop:
         while not self.cancel.is_set():
             with self._lock:
                 self.recover()
-                if self._exhausted or self.measured() + self._in_flight >= total:
+                ours = self.measured() + self._in_flight
+                if self._exhausted or ours >= total:
                     return
-                others = self.budget_used() >= total
+                others = ours + self._running_elsewhere() >= total
                 if not others:
                     self._in_flight += 1
             if others:  # the rest is being measured by other workers: stay to retry it if one dies
@@ -392,11 +398,7 @@ class StudyLoop:
     def _budget_taken(self, number: int) -> bool:
         """Workers that read the budget at the same moment both ask; then the later trial (by number,
         which the database assigns in order) yields, so the study measures exactly study.n_trials."""
-        ahead = sum(
-            1
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.number < number and not self._silent(t)
-        )
+        ahead = sum(1 for t in self._live_running() if t.number < number)
         return self.measured() + ahead >= self.ctx.settings.study.n_trials
 
     def _claim(self, key: str, number: int) -> FrozenTrial | None:

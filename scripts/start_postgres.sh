@@ -10,7 +10,8 @@
 # The cluster trusts connections from 127.0.0.1 only (user `autotune`, no password): a test and
 # single-user store. Two databases: `autotune` for Optuna studies (the URL printed) and `mlflow` for an
 # MLflow tracking server (`mlflow server --backend-store-uri <URL with /mlflow>`; the two cannot share one
-# database: both keep their schema version in a table named alembic_version). For machines that share a study, see docs/gpu.md. Stop it: scripts/stop_postgres.sh
+# database: both keep their schema version in a table named alembic_version). For machines that share a
+# study, see docs/gpu.md. Stop it: scripts/stop_postgres.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -153,17 +153,7 @@ class ServerProcess:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None or _group_alive(proc.pid):
-            _signal_group(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=timeout_s)
-            if not _wait_group_gone(proc.pid, deadline=time.monotonic() + max(0.5, timeout_s / 4)):
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout_s)
-                if not _wait_group_gone(proc.pid, deadline=time.monotonic() + timeout_s):
-                    raise RuntimeError(
-                        f"processes of group {proc.pid} survived SIGKILL: {_group_pids(proc.pid)}"
-                    )
+        stop_group(proc, timeout_s)
         self._stop_sampling.set()
         if self._sampler is not None:
             self._sampler.join(timeout=2)
@@ -204,6 +194,21 @@ class ServerProcess:
             self.peak_rss_bytes = max(self.peak_rss_bytes, tree_rss_bytes(proc.pid))
             if self._stop_sampling.wait(RSS_SAMPLE_INTERVAL_S):
                 return
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL after
+    timeout_s; its exit code. Raises RuntimeError if a process of the group survives even SIGKILL."""
+    if proc.poll() is None or _group_alive(proc.pid):
+        _signal_group(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+        if not _wait_group_gone(proc.pid, deadline=time.monotonic() + max(0.5, timeout_s / 4)):
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout_s)
+            if not _wait_group_gone(proc.pid, deadline=time.monotonic() + timeout_s):
+                raise RuntimeError(f"processes of group {proc.pid} survived SIGKILL: {_group_pids(proc.pid)}")
+    return proc.returncode
 
 
 def free_port() -> int:

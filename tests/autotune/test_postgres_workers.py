@@ -9,12 +9,8 @@ logged once (with its files, uploaded through the server), and the front is comp
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +22,8 @@ from optuna.trial import TrialState
 
 from autotune import results as R
 from autotune.study import FINISHED
+from serving.launch import free_port, stop_group
+from tests.autotune.test_run_e2e import wait_healthy
 
 pytestmark = pytest.mark.postgres
 
@@ -82,9 +80,7 @@ def mlflow_server(postgres_url: str, tmp_path: Path) -> Iterator[str]:
     database = f"mlflow_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {database}")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     store = postgres_url.rsplit("/", 1)[0] + "/" + database
     log = tmp_path / "mlflow-server.log"
     with log.open("wb") as out:
@@ -98,42 +94,12 @@ def mlflow_server(postgres_url: str, tmp_path: Path) -> Iterator[str]:
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"mlflow server exited:\n{log.read_text(errors='replace')[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"mlflow server not healthy:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+        wait_healthy(url, server, timeout_s=180, log=log)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        _wait_group_gone(server.pid)
+        stop_group(server, timeout_s=30)  # raises if its uvicorn workers or job runners outlive SIGKILL
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-
-
-def _wait_group_gone(pgid: int, timeout_s: float = 30) -> None:
-    """The server's uvicorn workers and job runner share its group: all of them must be gone."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        if time.monotonic() > deadline:
-            os.killpg(pgid, signal.SIGKILL)
-            raise AssertionError(f"processes of the mlflow server group {pgid} outlived SIGTERM")
-        time.sleep(0.2)
 
 
 def test_optuna_rdb_storage_creates_and_loads_a_study(postgres_url: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from autotune.settings import TrialSettings
 from autotune.traffic.config import ArrivalConfig, LengthDistribution, WorkloadConfig
 from autotune.trial_runner import Traffic, run_trial
 from serving.config import DeploymentConfig
+from serving.launch import free_port
 
 TINY = [
     "model=llama-tiny",
@@ -109,23 +109,24 @@ def test_run_resume_mlflow_export_and_launch(tmp_path: Path, monkeypatch: pytest
         log.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120, log: Path | None = None
+) -> None:
+    """Until GET url/health answers 200; the assertion shows the end of `log` when given."""
 
+    def tail() -> str:
+        return f":\n{log.read_text(errors='replace')[-3000:]}" if log else ""
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "serving launch exited"
+        assert proc.poll() is None, f"{proc.args[:3]} exited{tail()}"
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise AssertionError("serving launch did not become healthy")
+    raise AssertionError(f"{proc.args[:3]} did not become healthy at {url}{tail()}")
 
 
 def test_a_server_that_cannot_start_fails_the_trial_with_its_reason(tmp_path: Path) -> None:
