@@ -8,9 +8,9 @@ from pathlib import Path
 
 import optuna
 
-from autotune.export import NoSelection, select, write_best
-from autotune.results import load_records
-from autotune.session import start
+from autotune.commands.session import start
+from autotune.report.export import NoSelection, select, write_best
+from autotune.report.results import load_records
 
 USAGE = """usage: autotune export [conf=NAME] [key=value ...]
 

@@ -11,9 +11,9 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from autotune.context import StudyContext
-from autotune.results import load_records
-from autotune.session import start
+from autotune.commands.session import start
+from autotune.report.results import load_records
+from autotune.study.context import StudyContext
 
 USAGE = """usage: autotune plan [conf=NAME] [key=value ...]
 

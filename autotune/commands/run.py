@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from autotune.live import LiveView
-from autotune.report import ReportFiles
-from autotune.results import load_records
-from autotune.session import Session, finish, sigterm_as_interrupt, start
-from autotune.study import StudyLoop, open_study
+from autotune.commands.session import Session, finish, sigterm_as_interrupt, start
+from autotune.report.html import ReportFiles
+from autotune.report.results import load_records
+from autotune.study.live import LiveView
+from autotune.study.loop import StudyLoop, open_study
 from autotune.tracking import make_tracker
 
 USAGE = """usage: autotune run [conf=NAME] [key=value ...] [--cfg]

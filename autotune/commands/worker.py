@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from autotune.commands.run import run_session
-from autotune.session import start
+from autotune.commands.session import start
 
 USAGE = """usage: autotune worker [conf=NAME] study.storage=URL [key=value ...]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from autotune.observer import StudyObserver
-from autotune.settings import TrackingSettings
+from autotune.config.settings import TrackingSettings
+from autotune.study.observer import StudyObserver
 
 
 def make_tracker(

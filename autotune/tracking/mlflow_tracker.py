@@ -19,14 +19,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autotune.observer import StudyObserver
-from autotune.results import TrialRecord
-from autotune.settings import TrackingSettings
+from autotune.config.settings import TrackingSettings
+from autotune.report.results import TrialRecord
+from autotune.study.observer import StudyObserver
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from autotune.trial_runner import TrialOutcome
+    from autotune.trial.runner import TrialOutcome
 
 STUDY_TAG = "autotune.study"
 ROLE_TAG = "autotune.role"

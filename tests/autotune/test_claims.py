@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from autotune import results as R
-from autotune.claims import ConfigClaims
-from autotune.study import StudyLoop, config_key, open_study
+from autotune.report import results as R
+from autotune.study.claims import ConfigClaims
+from autotune.study.loop import StudyLoop, config_key, open_study
 from tests.autotune.test_study import ONE_CONFIG, context
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from autotune.commands import run as run_command
-from autotune.compose import UsageError, build_settings, compose_config, parse_args
-from autotune.context import build_context
-from autotune.paths import CONF_DIR
+from autotune.config.compose import UsageError, build_settings, compose_config, parse_args
+from autotune.config.paths import CONF_DIR
+from autotune.study.context import build_context
 
 GROUPS = ("model", "backend", "search", "objectives", "study", "tracking")
 

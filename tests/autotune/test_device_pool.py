@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from autotune.device_pool import DevicePool
-from autotune.devices import Devices, Gpu
+from autotune.trial.device_pool import DevicePool
+from autotune.trial.devices import Devices, Gpu
 from serving.config import DeploymentConfig
 
 GIB = 2**30

@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autotune import results as R
+from autotune.report import results as R
 from tests.autotune.test_run_e2e import TINY, sigterm_when_ready
 
 pytestmark = pytest.mark.slow

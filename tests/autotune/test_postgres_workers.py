@@ -20,8 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from autotune import results as R
-from autotune.study import FINISHED
+from autotune.report import results as R
+from autotune.study.loop import FINISHED
 from serving.launch import free_port, stop_group
 from tests.autotune.test_run_e2e import wait_healthy
 

@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from autotune.commands import export as export_command
 from autotune.commands import run as run_command
-from autotune.settings import TrialSettings
+from autotune.config.settings import TrialSettings
 from autotune.traffic.config import ArrivalConfig, LengthDistribution, WorkloadConfig
-from autotune.trial_runner import Traffic, run_trial
+from autotune.trial.runner import Traffic, run_trial
 from serving.config import DeploymentConfig
 from serving.launch import free_port
 
@@ -172,7 +172,7 @@ def sigterm_when_ready(args: list[str], cwd: Path, logs: list[str]) -> tuple[int
 def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume(tmp_path: Path) -> None:
     import optuna
 
-    from autotune import results as R
+    from autotune.report import results as R
 
     space = tmp_path / "space.yaml"  # no seeds: the interrupted config is the only one queued
     space.write_text(

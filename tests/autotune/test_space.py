@@ -8,8 +8,8 @@ import optuna
 import pytest
 import yaml
 
-from autotune.paths import SEARCH_SPACES_DIR
-from autotune.space import SpaceError, load_space, parse_space
+from autotune.config.paths import SEARCH_SPACES_DIR
+from autotune.space.search_space import SpaceError, load_space, parse_space
 from serving.config import DeploymentConfig
 
 SHIPPED = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))

@@ -14,16 +14,16 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from autotune import results as R
-from autotune.compose import build_settings, compose_config
-from autotune.context import StudyContext, base_deployment, build_context
-from autotune.export import NoSelection, best_yaml, select
-from autotune.objectives import Objectives
-from autotune.pareto import front, knee
-from autotune.results import TrialRecord, load_records
-from autotune.settings import ExportSettings
-from autotune.space import parse_space
-from autotune.study import StudyLoop, config_key, open_study
+from autotune.config.compose import build_settings, compose_config
+from autotune.config.settings import ExportSettings
+from autotune.report import results as R
+from autotune.report.export import NoSelection, best_yaml, select
+from autotune.report.objectives import Objectives
+from autotune.report.pareto import front, knee
+from autotune.report.results import TrialRecord, load_records
+from autotune.space.search_space import parse_space
+from autotune.study.context import StudyContext, base_deployment, build_context
+from autotune.study.loop import StudyLoop, config_key, open_study
 from serving.config import DeploymentConfig
 
 ONE_CONFIG: dict[str, Any] = {
@@ -178,7 +178,7 @@ def test_live_view_reports_progress_best_and_eta() -> None:
 
     from rich.console import Console
 
-    from autotune.live import LiveView
+    from autotune.study.live import LiveView
 
     out = io.StringIO()
     view = LiveView(objectives_default(), mode="off", console=Console(file=out, width=200))
@@ -203,7 +203,7 @@ def test_live_view_counts_other_workers_trials() -> None:
 
     from rich.console import Console
 
-    from autotune.live import LiveView
+    from autotune.study.live import LiveView
 
     out = io.StringIO()
     view = LiveView(objectives_default(), mode="off", console=Console(file=out, width=200))
@@ -216,8 +216,8 @@ def test_live_view_counts_other_workers_trials() -> None:
 
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random", "grid"])
 def test_every_sampler_walks_a_conditional_space(sampler: str, tmp_path: Path) -> None:
-    from autotune.samplers import make_sampler
-    from autotune.settings import StudySettings
+    from autotune.config.settings import StudySettings
+    from autotune.study.samplers import make_sampler
 
     space = parse_space(
         {
@@ -326,7 +326,7 @@ def test_a_signal_whose_interrupt_is_swallowed_still_stops_the_study(tmp_path: P
     import os
     import signal
 
-    from autotune.session import sigterm_as_interrupt
+    from autotune.commands.session import sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with sigterm_as_interrupt() as stop:

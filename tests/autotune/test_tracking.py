@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from autotune.results import TrialRecord
-from autotune.settings import TrackingSettings
+from autotune.config.settings import TrackingSettings
+from autotune.report.results import TrialRecord
 from autotune.tracking.mlflow_tracker import MlflowTracker
 from serving.config import DeploymentConfig
 
@@ -69,8 +69,8 @@ def test_states_reasons_and_resume(tmp_path: Path) -> None:
 
 RACER = """
 import sys, time
-from autotune.results import TrialRecord
-from autotune.settings import TrackingSettings
+from autotune.report.results import TrialRecord
+from autotune.config.settings import TrackingSettings
 from autotune.tracking.mlflow_tracker import MlflowTracker
 from serving.config import DeploymentConfig
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from autotune.devices import Devices
-from autotune.geometry import ModelGeometry
+from autotune.trial.devices import Devices
+from autotune.trial.geometry import ModelGeometry
 from serving.config import DeploymentConfig
 
 Rule = Callable[[DeploymentConfig, ModelGeometry, Devices], "str | None"]

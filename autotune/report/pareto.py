@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from autotune.results import TrialRecord, distinct
+from autotune.report.results import TrialRecord, distinct
 
 
 def _oriented(values: Sequence[float], directions: Sequence[str]) -> list[float]:

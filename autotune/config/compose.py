@@ -11,8 +11,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from autotune.paths import CONF_DIR
-from autotune.settings import RunSettings
+from autotune.config.paths import CONF_DIR
+from autotune.config.settings import RunSettings
 
 DEFAULT_CONF = "chat"
 

@@ -26,14 +26,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune import results as R
-from autotune.claims import ConfigClaims
-from autotune.context import StudyContext
-from autotune.device_pool import Allocation, DevicePool
-from autotune.observer import StudyObserver
-from autotune.results import TrialRecord, load_records
-from autotune.samplers import make_sampler
-from autotune.trial_runner import TrialCancelled, TrialOutcome, run_trial
+from autotune.report import results as R
+from autotune.report.results import TrialRecord, load_records
+from autotune.study.claims import ConfigClaims
+from autotune.study.context import StudyContext
+from autotune.study.observer import StudyObserver
+from autotune.study.samplers import make_sampler
+from autotune.trial.device_pool import Allocation, DevicePool
+from autotune.trial.runner import TrialCancelled, TrialOutcome, run_trial
 from serving.config import ConfigError, DeploymentConfig, flatten
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)

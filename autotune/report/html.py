@@ -15,12 +15,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from autotune.export import NoSelection, Selection, select, write_best
-from autotune.objectives import Objectives
-from autotune.pareto import front
-from autotune.plots import draw_pair_png, pair_infos, write_interactive
-from autotune.results import TrialRecord, distinct
-from autotune.settings import ExportSettings
+from autotune.config.settings import ExportSettings
+from autotune.report.export import NoSelection, Selection, select, write_best
+from autotune.report.objectives import Objectives
+from autotune.report.pareto import front
+from autotune.report.plots import draw_pair_png, pair_infos, write_interactive
+from autotune.report.results import TrialRecord, distinct
 
 
 @dataclass

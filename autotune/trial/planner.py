@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autotune.devices import Devices
-from autotune.geometry import ModelGeometry
+from autotune.trial.devices import Devices
+from autotune.trial.geometry import ModelGeometry
 from serving.config import DeploymentConfig
 
 GIB = 2**30

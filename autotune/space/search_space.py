@@ -5,7 +5,7 @@ A file has four sections; everything else is rejected by name:
     base:        {dotted.key: value}   deployment values every trial shares (the dimensions override them)
     dimensions:  {dotted.key: {type: categorical|int|float, choices | low/high [step] [log], [when]}}
                  `when: {other.key: value-or-list}` makes a dimension conditional on earlier ones
-    constraints: [rule names from autotune.constraints.RULES]
+    constraints: [rule names from autotune.space.constraints.RULES]
     seeds:       [{dotted.key: value}]  configs measured first (partial; the sampler fills the rest)
 """
 
@@ -24,8 +24,8 @@ from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 import optuna
 import yaml
 
-from autotune.constraints import RULES
-from autotune.paths import SEARCH_SPACES_DIR
+from autotune.config.paths import SEARCH_SPACES_DIR
+from autotune.space.constraints import RULES
 from serving.config import ConfigError, DeploymentConfig, closest_key, flatten
 
 Kind = Literal["categorical", "int", "float"]

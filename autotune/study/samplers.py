@@ -7,8 +7,8 @@ import warnings
 
 import optuna
 
-from autotune.settings import StudySettings
-from autotune.space import SearchSpace
+from autotune.config.settings import StudySettings
+from autotune.space.search_space import SearchSpace
 
 
 def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers.BaseSampler:

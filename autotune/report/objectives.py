@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from autotune.settings import ObjectivesSettings
+from autotune.config.settings import ObjectivesSettings
 
 _LATENCY = re.compile(
     r"^(mean|median|std|p\d+(\.\d+)?)_(ttft|tpot|itl|e2el|schedule_lag|client_queue_time)_ms$"

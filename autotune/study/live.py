@@ -16,13 +16,13 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from autotune.objectives import Objectives
-from autotune.observer import StudyObserver
-from autotune.pareto import candidates, front
-from autotune.results import TrialRecord
+from autotune.report.objectives import Objectives
+from autotune.report.pareto import candidates, front
+from autotune.report.results import TrialRecord
+from autotune.study.observer import StudyObserver
 
 if TYPE_CHECKING:
-    from autotune.trial_runner import TrialOutcome
+    from autotune.trial.runner import TrialOutcome
 
 
 def _short(params: dict[str, Any]) -> str:

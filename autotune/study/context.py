@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune.constraints import RULES
-from autotune.device_pool import DevicePool
-from autotune.devices import Devices, detect_devices
-from autotune.geometry import ModelGeometry, load_geometry
-from autotune.objectives import Objectives
-from autotune.planner import MemoryPlan, plan_memory
-from autotune.settings import RunSettings
-from autotune.space import SearchSpace, load_space
-from autotune.trial_runner import Traffic
+from autotune.config.settings import RunSettings
+from autotune.report.objectives import Objectives
+from autotune.space.constraints import RULES
+from autotune.space.search_space import SearchSpace, load_space
+from autotune.trial.device_pool import DevicePool
+from autotune.trial.devices import Devices, detect_devices
+from autotune.trial.geometry import ModelGeometry, load_geometry
+from autotune.trial.planner import MemoryPlan, plan_memory
+from autotune.trial.runner import Traffic
 from serving.backends import get_backend
 from serving.config import ConfigError, DeploymentConfig, flatten
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from autotune.results import TrialRecord
+from autotune.report.results import TrialRecord
 
 if TYPE_CHECKING:
-    from autotune.trial_runner import TrialOutcome
+    from autotune.trial.runner import TrialOutcome
 
 
 class StudyObserver:

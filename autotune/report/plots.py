@@ -11,8 +11,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial
 
-from autotune.pareto import candidates, front
-from autotune.results import TrialRecord
+from autotune.report.pareto import candidates, front
+from autotune.report.results import TrialRecord
 
 LOWER_IS_BETTER = "↓ better"
 HIGHER_IS_BETTER = "↑ better"

@@ -15,12 +15,12 @@ from pathlib import Path
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from autotune.compose import Invocation, UsageError, load_run, parse_args
-from autotune.context import StudyContext, build_context
-from autotune.geometry import ModelGeometry
-from autotune.report import ReportFiles, write_report
-from autotune.results import TrialRecord
-from autotune.space import SpaceError
+from autotune.config.compose import Invocation, UsageError, load_run, parse_args
+from autotune.report.html import ReportFiles, write_report
+from autotune.report.results import TrialRecord
+from autotune.space.search_space import SpaceError
+from autotune.study.context import StudyContext, build_context
+from autotune.trial.geometry import ModelGeometry
 from serving.config import ConfigError
 
 

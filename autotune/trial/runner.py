@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from autotune.settings import TrialSettings
+from autotune.config.settings import TrialSettings
 from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.runner import run_benchmark_async
 from serving.config import DeploymentConfig

@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from autotune.objectives import Objectives
-from autotune.pareto import candidates, front, knee
-from autotune.results import TrialRecord
-from autotune.settings import ExportSettings
+from autotune.config.settings import ExportSettings
+from autotune.report.objectives import Objectives
+from autotune.report.pareto import candidates, front, knee
+from autotune.report.results import TrialRecord
 from serving.backends import get_backend
 from serving.config import DeploymentConfig
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from autotune.devices import Devices
+from autotune.trial.devices import Devices
 from serving.backends.engine_support import id_ranges
 from serving.config import DeploymentConfig
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from autotune.planner import PlannerSettings
+from autotune.trial.planner import PlannerSettings
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid")
 DIRECTIONS = ("maximize", "minimize")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout this package runs from (an editable install)."""
 CONF_DIR = REPO_ROOT / "conf"
 """Hydra config directory: primary configs (chat.yaml, summarise.yaml) and config groups."""

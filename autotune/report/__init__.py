@@ -1,0 +1,1 @@
+"""Results: trials read back as records, objectives, Pareto fronts, plots, report.html, best.yaml."""

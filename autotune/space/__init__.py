@@ -1,0 +1,2 @@
+"""The search space: declarative dimensions over DeploymentConfig keys, and the named rules
+every sampled deployment must pass."""
