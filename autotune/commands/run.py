@@ -9,7 +9,8 @@ from autotune.commands.session import Session, finish, sigterm_as_interrupt, sta
 from autotune.report.html import ReportFiles
 from autotune.report.results import load_records
 from autotune.study.live import LiveView
-from autotune.study.loop import StudyLoop, open_study
+from autotune.study.loop import StudyLoop
+from autotune.study.storage import open_study
 from autotune.tracking import make_tracker
 
 USAGE = """usage: autotune run [conf=NAME] [key=value ...] [--cfg]

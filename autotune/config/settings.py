@@ -12,8 +12,6 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from autotune.trial.planner import PlannerSettings
-
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid")
 DIRECTIONS = ("maximize", "minimize")
 EXPORT_POLICIES = ("max_throughput_within_slo", "knee")
@@ -166,6 +164,27 @@ class ExportSettings:
 
     def __post_init__(self) -> None:
         _choose("export.policy", self.policy, EXPORT_POLICIES)
+
+
+@dataclass
+class PlannerSettings:
+    """Headroom the planner keeps; the `planner` section of the run config (a mutable dataclass, as
+    OmegaConf's structured-config merge needs)."""
+
+    memory_fraction: float = 0.9
+    """Share of the device memory (free RAM, or each GPU's total) trials may use."""
+    process_overhead_gb: float = 0.6
+    """Runtime memory per server process beyond weights and KV (Python, torch, tokenizer, buffers)."""
+    memory_limit_gb: float | None = None
+    """Plan against this much memory instead of what the devices report (to plan for another machine)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"planner.memory_fraction={self.memory_fraction} is invalid: use (0, 1]")
+        if self.process_overhead_gb < 0:
+            raise ValueError(f"planner.process_overhead_gb={self.process_overhead_gb} is invalid: use >= 0")
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            raise ValueError(f"planner.memory_limit_gb={self.memory_limit_gb} is invalid: use > 0 or null")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from autotune.config.settings import PlannerSettings
 from autotune.trial.devices import Devices
 from autotune.trial.geometry import ModelGeometry
 from serving.config import DeploymentConfig
@@ -21,27 +22,6 @@ QUANTIZED_WEIGHT_BYTES: dict[str, float] = {
     "bnb_nf4": 0.5,
 }
 """Bytes per linear-layer weight after quantisation (scales are small and ignored)."""
-
-
-@dataclass
-class PlannerSettings:
-    """Headroom the planner keeps; the `planner` section of the run config (a mutable dataclass, as
-    OmegaConf's structured-config merge needs)."""
-
-    memory_fraction: float = 0.9
-    """Share of the device memory (free RAM, or each GPU's total) trials may use."""
-    process_overhead_gb: float = 0.6
-    """Runtime memory per server process beyond weights and KV (Python, torch, tokenizer, buffers)."""
-    memory_limit_gb: float | None = None
-    """Plan against this much memory instead of what the devices report (to plan for another machine)."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.memory_fraction <= 1:
-            raise ValueError(f"planner.memory_fraction={self.memory_fraction} is invalid: use (0, 1]")
-        if self.process_overhead_gb < 0:
-            raise ValueError(f"planner.process_overhead_gb={self.process_overhead_gb} is invalid: use >= 0")
-        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
-            raise ValueError(f"planner.memory_limit_gb={self.memory_limit_gb} is invalid: use > 0 or null")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 
 from autotune.report import results as R
 from autotune.study.claims import ConfigClaims
-from autotune.study.loop import StudyLoop, config_key, open_study
+from autotune.study.loop import StudyLoop, config_key
+from autotune.study.storage import open_study
 from tests.autotune.test_study import ONE_CONFIG, context
 
 
@@ -79,6 +80,6 @@ def test_an_interrupted_holder_hands_its_config_to_the_requeued_trial(tmp_path: 
     assert claims.claim(key, interrupted.number) is None
 
     loop = StudyLoop(ctx, study)
-    assert loop._claim(key, 1) is None  # the interrupted trial's claim is taken over
+    assert loop.workers.claim(key, 1) is None  # the interrupted trial's claim is taken over
     assert claims.holder(key) == 1
     assert optuna.load_study(study_name=ctx.name, storage=ctx.storage_url).trials[0].state == TrialState.FAIL

@@ -6,10 +6,11 @@ import pytest
 import torch
 import transformers
 
+from autotune.config.settings import PlannerSettings
 from autotune.space.constraints import pp_within_layers, tp_divides_heads, world_size_within_devices
 from autotune.trial.devices import Devices, Gpu, detect_devices
 from autotune.trial.geometry import load_geometry
-from autotune.trial.planner import GIB, PlannerSettings, plan_memory, weight_bytes
+from autotune.trial.planner import GIB, plan_memory, weight_bytes
 from serving.config import DeploymentConfig
 
 CPU_24G = Devices(cpus=(0, 1), ram_bytes=24 * GIB)

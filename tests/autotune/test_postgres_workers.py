@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from autotune.report import results as R
-from autotune.study.loop import FINISHED
+from autotune.study.workers import FINISHED
 from serving.launch import free_port, stop_group
 from tests.autotune.test_run_e2e import wait_healthy
 

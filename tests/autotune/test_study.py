@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from autotune.report.pareto import front, knee
 from autotune.report.results import TrialRecord, load_records
 from autotune.space.search_space import parse_space
 from autotune.study.context import StudyContext, base_deployment, build_context
-from autotune.study.loop import StudyLoop, config_key, open_study
+from autotune.study.loop import StudyLoop, config_key
+from autotune.study.storage import open_study
 from serving.config import DeploymentConfig
 
 ONE_CONFIG: dict[str, Any] = {
@@ -108,11 +108,11 @@ def test_an_orphaned_trial_of_a_killed_run_is_retryable_and_queued_again(tmp_pat
     trial.set_user_attr(R.CONFIG_KEY, "k")
     trial.set_user_attr(R.OWNER, f"{socket.gethostname()}:999999999")  # a pid that cannot exist
     loop = StudyLoop(ctx, study)
-    loop.fail_orphans()
+    loop.workers.fail_orphans()
     frozen = study.trials[0]
     assert frozen.state == TrialState.FAIL and frozen.user_attrs[R.RETRYABLE] is True
-    loop.requeue_interrupted()
-    loop.requeue_interrupted()  # idempotent
+    loop.workers.requeue_interrupted()
+    loop.workers.requeue_interrupted()  # idempotent
     waiting = [t for t in study.trials if t.state == TrialState.WAITING]
     assert [t.system_attrs["fixed_params"] for t in waiting] == [{"scheduler.policy": "continuous"}]
     assert loop.measured() == 0
@@ -263,13 +263,11 @@ def test_a_silent_trial_of_another_machine_is_retryable_and_a_beating_one_is_not
     beating.set_user_attr(R.HEARTBEAT, time.time() - 60)
 
     loop = StudyLoop(ctx, study)
-    loop._beating.add(beating._trial_id)  # this worker keeps trial 1 alive
-    heart = threading.Thread(target=loop._heartbeat)
-    heart.start()
+    loop.workers._beating.add(beating._trial_id)  # this worker keeps trial 1 alive
+    loop.workers.start_heartbeats()
     time.sleep(0.35)
-    loop.fail_orphans()
-    loop._stop_heart.set()
-    heart.join()
+    loop.workers.fail_orphans()
+    loop.workers.stop_heartbeats()
 
     first, second = study.trials
     assert first.state == TrialState.FAIL and first.user_attrs[R.RETRYABLE] is True
@@ -349,9 +347,9 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_pat
     orphan = study.ask()  # no owner, no heartbeat: its worker died right after asking
     orphan.suggest_categorical("scheduler.policy", ["continuous"])
     loop = StudyLoop(ctx, study)
-    assert loop.fail_orphans() == 0 and loop.budget_used() == 1  # it may still be starting: counted
+    assert loop.workers.fail_orphans() == 0 and loop.budget_used() == 1  # it may still be starting: counted
     time.sleep(0.5)  # 4 x heartbeat_s of this worker's own clock
-    assert loop.fail_orphans() == 1 and loop.budget_used() == 0
+    assert loop.workers.fail_orphans() == 1 and loop.budget_used() == 0
     assert study.trials[0].user_attrs[R.RETRYABLE] is True
     assert "no heartbeat from its worker" in study.trials[0].user_attrs[R.REASON]
 
@@ -370,4 +368,4 @@ def test_of_two_workers_that_read_the_budget_together_the_later_trial_yields(tmp
     assert loop.step() is False  # no server launched
     ours = study.trials[-1]
     assert ours.state == TrialState.PRUNED and "budget: study.n_trials=1" in ours.user_attrs[R.REASON]
-    assert loop.claims.claim(ours.user_attrs[R.CONFIG_KEY], ours.number) is None  # it claimed nothing
+    assert loop.workers.claims.claim(ours.user_attrs[R.CONFIG_KEY], ours.number) is None  # it claimed nothing
