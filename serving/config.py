@@ -330,3 +330,29 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}={value!r} is invalid: use a string")
         return str(value)
     return value
+
+
+def field_types() -> dict[str, Any]:
+    """The annotation of every dotted key (`scheduler.max_num_seqs` -> int): what a search space may set."""
+    types_by_key: dict[str, Any] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+                walk(hint, f"{prefix}{f.name}.")
+            else:
+                types_by_key[f"{prefix}{f.name}"] = hint
+
+    walk(DeploymentConfig, "")
+    return types_by_key
+
+
+def check_field(key: str, value: Any) -> None:
+    """Check one value against its key's type as DeploymentConfig would (ConfigError naming key and fix),
+    without building a whole config: search spaces check each choice where it is written."""
+    types_by_key = field_types()
+    if key not in types_by_key:
+        raise ConfigError(_unknown_key_message(key, types_by_key))
+    _coerce(types_by_key[key], value, key)

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from autotune.config.compose import Invocation, UsageError, load_run, parse_args
 from autotune.report.html import ReportFiles, write_report
 from autotune.report.results import TrialRecord
-from autotune.space.search_space import SpaceError
 from autotune.study.context import StudyContext, build_context
 from autotune.trial.geometry import ModelGeometry
 from serving.config import ConfigError
@@ -70,7 +69,7 @@ def start(argv: Sequence[str], usage: str) -> Session | int:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
         ctx = build_context(settings)
-    except (UsageError, SpaceError, ConfigError, ValueError) as err:
+    except (UsageError, ConfigError, ValueError) as err:
         print(f"autotune: {err}", file=sys.stderr)
         return 2
     return Session(invocation, cfg, ctx)

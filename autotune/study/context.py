@@ -11,7 +11,8 @@ from typing import Any
 from autotune.config.settings import RunSettings
 from autotune.report.objectives import Objectives
 from autotune.space.constraints import RULES
-from autotune.space.search_space import SearchSpace, load_space
+from autotune.space.parse import load_space
+from autotune.space.search_space import SearchSpace
 from autotune.trial.device_pool import DevicePool
 from autotune.trial.devices import Devices, detect_devices
 from autotune.trial.geometry import ModelGeometry, load_geometry

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from autotune.config.paths import SEARCH_SPACES_DIR
-from autotune.space.search_space import SpaceError, load_space, parse_space
-from serving.config import DeploymentConfig
+from autotune.space.parse import load_space, parse_space
+from serving.config import ConfigError, DeploymentConfig
 
 SHIPPED = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
 
@@ -36,7 +36,7 @@ def write(tmp_path: Path, data: object) -> Path:
 
 def error_of(tmp_path: Path, data: object) -> str:
     path = write(tmp_path, data)
-    with pytest.raises(SpaceError) as info:
+    with pytest.raises(ConfigError) as info:
         load_space(path)
     message = str(info.value)
     assert str(path) in message

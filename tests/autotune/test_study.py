@@ -20,7 +20,7 @@ from autotune.report.export import NoSelection, best_yaml, select
 from autotune.report.objectives import Objectives
 from autotune.report.pareto import front, knee
 from autotune.report.results import TrialRecord, load_records
-from autotune.space.search_space import parse_space
+from autotune.space.parse import parse_space
 from autotune.study.context import StudyContext, base_deployment, build_context
 from autotune.study.loop import StudyLoop, config_key
 from autotune.study.storage import open_study
