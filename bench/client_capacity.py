@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from autotune.traffic.config import ArrivalConfig, ClientConfig, LengthDistribution, WorkloadConfig
-from autotune.traffic.fake_server import fake_server
 from autotune.traffic.runner import run_benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fake_server.py
+from tests.fake_server import fake_server
 
 LAG_LIMIT_MS = 5.0
 

@@ -29,10 +29,12 @@ from pathlib import Path
 import httpx
 
 from autotune.traffic.config import ArrivalConfig, LengthDistribution, WorkloadConfig
-from autotune.traffic.fake_server import fake_server
 from autotune.traffic.runner import run_benchmark
 from serving.config import DeploymentConfig
 from serving.launch import ServerProcess, free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fake_server.py
+from tests.fake_server import fake_server
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

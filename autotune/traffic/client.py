@@ -1,4 +1,4 @@
-"""Send one streaming request and time it as vLLM's bench serve does (see ARCHITECTURE.md, Metrics).
+"""Send one streaming request and time it as vLLM's bench serve does (docs/bench.md, Metrics).
 
 Every failure (HTTP status, time-out, dropped stream, malformed SSE, error event) becomes a RequestRecord
 with error_kind and error set: a benchmark never crashes on what a server does."""

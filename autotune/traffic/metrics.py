@@ -1,4 +1,4 @@
-"""Summary statistics with vLLM bench-serve definitions and key names (ARCHITECTURE.md, Metrics).
+"""Summary statistics with vLLM bench-serve definitions and key names (docs/bench.md, Metrics).
 
 TTFT, E2EL and TPOT per completed request, ITL per chunk pooled over requests; mean, median, population std
 and percentiles with linear interpolation (numpy's defaults, as vLLM); an empty list counts as 0, as vLLM."""

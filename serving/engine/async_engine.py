@@ -34,7 +34,7 @@ GATHER_WAIT_S = 0.0005
 
 
 class AsyncEngine(OutputStreams):
-    """Thread-backed engine with an asyncio interface (see CONTRACTS.md, "Engine")."""
+    """Thread-backed engine with an asyncio interface."""
 
     def __init__(self, engine: LLMEngine, *, tokenizer: Any = None, model_name: str = "model") -> None:
         super().__init__()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from autotune.traffic.config import ArrivalConfig, ClientConfig, LengthDistribution, SLOConfig, WorkloadConfig
-from autotune.traffic.fake_server import fake_server
 from autotune.traffic.metrics import tpot
 from autotune.traffic.runner import run_benchmark, run_benchmark_async, run_sweep
+from tests.fake_server import fake_server
 
 TOL_S = 0.002
 TTFT_S, ITL_S, OUT = 0.030, 0.010, 6  # the script the server is asked to follow

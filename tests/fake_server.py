@@ -1,10 +1,10 @@
 """A scripted OpenAI-compatible streaming server: tokens on a known schedule, failures on demand.
 
-For tests (metrics checked against the schedule), the client-capacity benchmark, and dry runs of the tuner.
+A test fixture (metrics checked against the schedule), also used by bench/ to measure the client alone.
 Plain asyncio HTTP/1.1 with keep-alive and chunked SSE, so the server costs little CPU and can misbehave in
 exactly the ways a real one does (status 500, hang, dropped stream, malformed SSE, error event).
 
-    python -m autotune.traffic.fake_server --port 0 --ttft-ms 20 --itl-ms 5 [--plan ok,http500,drop]
+    python tests/fake_server.py --port 0 --ttft-ms 20 --itl-ms 5 [--plan ok,http500,drop]
 
 With --log, one JSON line per finished request gives its arrival and chunk write times (perf_counter, which
 is CLOCK_MONOTONIC and so comparable with the client's in another process). It prints `LISTENING <port>`
@@ -163,8 +163,7 @@ def fake_server(
     """Run the server in its own process group; yields its URL and ends the group on exit."""
     command = [
         sys.executable,
-        "-m",
-        "autotune.traffic.fake_server",
+        str(Path(__file__).resolve()),
         "--ttft-ms",
         str(ttft_ms),
         "--itl-ms",
