@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from autotune.config.paths import CONF_DIR
 from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.runner import print_summary, run_sweep
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TOP_LEVEL_KEYS = {"workload", "arrival", "slo", "client", "url", "model", "out_dir", "progress"}
 
 

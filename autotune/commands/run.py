@@ -11,7 +11,7 @@ from autotune.report.results import load_records
 from autotune.study.live import LiveView
 from autotune.study.loop import StudyLoop
 from autotune.study.storage import open_study
-from autotune.tracking import make_tracker
+from autotune.tracking import Tracker, make_tracker
 
 USAGE = """usage: autotune run [conf=NAME] [key=value ...] [--cfg]
 
@@ -60,7 +60,7 @@ def run_session(session: Session) -> int:
     return 130 if interrupted else 0
 
 
-def print_summary(session: Session, files: ReportFiles, tracker: object | None) -> None:
+def print_summary(session: Session, files: ReportFiles, tracker: Tracker | None) -> None:
     ctx = session.ctx
     print(f"\nstudy {ctx.name}: Pareto front = trials {files.front or 'none yet'}")
     if files.selection and files.best:
@@ -69,7 +69,7 @@ def print_summary(session: Session, files: ReportFiles, tracker: object | None) 
     elif files.selection_error:
         print(f"no config exported: {files.selection_error}")
     print(f"report: {files.html}")
-    uri = getattr(tracker, "uri", None)
+    uri = tracker.uri if tracker is not None else None
     if uri and uri.startswith(("http://", "https://")):
         print(f"MLflow: {uri}")  # a tracking server: its UI is already there
     elif uri:

@@ -19,6 +19,7 @@ from autotune.config.compose import Invocation, UsageError, load_run, parse_args
 from autotune.report.html import ReportFiles, write_report
 from autotune.report.results import TrialRecord
 from autotune.study.context import StudyContext, build_context
+from autotune.tracking.tracker import Tracker
 from autotune.trial.geometry import ModelGeometry
 from serving.config import ConfigError
 
@@ -95,7 +96,7 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
 
 
 def finish(
-    session: Session, study: optuna.Study, records: list[TrialRecord], tracker: object | None
+    session: Session, study: optuna.Study, records: list[TrialRecord], tracker: Tracker | None
 ) -> ReportFiles:
     """Report, best.yaml and the tracking parent run's files; prints where everything is."""
     ctx = session.ctx
@@ -114,7 +115,6 @@ def finish(
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     config_path = ctx.run_dir / "config.yaml"
     config_path.write_text(session.resolved_yaml)
-    finalize = getattr(tracker, "finalize", None)
-    if finalize is not None:
-        finalize(records, files.front, [config_path, *files.all()])
+    if tracker is not None:
+        tracker.finalize(records, files.front, [config_path, *files.all()])
     return files

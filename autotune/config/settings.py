@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from serving.config import ConfigError
+
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid")
 DIRECTIONS = ("maximize", "minimize")
 EXPORT_POLICIES = ("max_throughput_within_slo", "knee")
@@ -21,12 +23,12 @@ LIVE_MODES = ("auto", "on", "off")
 
 def _choose(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is invalid: choose one of {', '.join(choices)}")
+        raise ConfigError(f"{name}={value!r} is invalid: choose one of {', '.join(choices)}")
 
 
 def _positive(name: str, value: float) -> None:
     if value <= 0:
-        raise ValueError(f"{name}={value!r} is invalid: use a positive number")
+        raise ConfigError(f"{name}={value!r} is invalid: use a positive number")
 
 
 @dataclass
@@ -72,16 +74,16 @@ class StudySettings:
         _choose("study.sampler", self.sampler, SAMPLERS)
         _choose("study.live", self.live, LIVE_MODES)
         if self.n_trials < 0:
-            raise ValueError(f"study.n_trials={self.n_trials} is invalid: use 0 or more")
+            raise ConfigError(f"study.n_trials={self.n_trials} is invalid: use 0 or more")
         _positive("study.heartbeat_s", self.heartbeat_s)
         if self.parallel_trials < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"study.parallel_trials={self.parallel_trials} is invalid: use 1 or more (trials at once)"
             )
         if self.population_size < 2:
-            raise ValueError(f"study.population_size={self.population_size} is invalid: use at least 2")
+            raise ConfigError(f"study.population_size={self.population_size} is invalid: use at least 2")
         if self.name != MISSING and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise ValueError(f"study.name={self.name!r} is invalid: use letters, digits, '.', '_' or '-'")
+            raise ConfigError(f"study.name={self.name!r} is invalid: use letters, digits, '.', '_' or '-'")
 
 
 @dataclass
@@ -97,13 +99,13 @@ class ObjectivesSettings:
         if self.directions == MISSING:  # the schema's own default, before a config is merged in
             return
         if not self.directions:
-            raise ValueError("objectives.directions is empty: name at least one metric to optimise")
+            raise ConfigError("objectives.directions is empty: name at least one metric to optimise")
         for metric, direction in self.directions.items():
             _choose(f"objectives.directions.{metric}", direction, DIRECTIONS)
         for section in ("constraints", "min_constraints"):
             for metric, bound in getattr(self, section).items():
                 if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)):
-                    raise ValueError(
+                    raise ConfigError(
                         f"objectives.{section}.{metric}={bound!r} is invalid: use a number or null"
                     )
 
@@ -149,7 +151,7 @@ class TrialSettings:
         _positive("trial.benchmark_timeout_s", self.benchmark_timeout_s)
         _positive("trial.stop_timeout_s", self.stop_timeout_s)
         if not 0 <= self.max_failed_fraction <= 1:
-            raise ValueError(f"trial.max_failed_fraction={self.max_failed_fraction} is invalid: use 0..1")
+            raise ConfigError(f"trial.max_failed_fraction={self.max_failed_fraction} is invalid: use 0..1")
 
 
 @dataclass
@@ -180,11 +182,11 @@ class PlannerSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.memory_fraction <= 1:
-            raise ValueError(f"planner.memory_fraction={self.memory_fraction} is invalid: use (0, 1]")
+            raise ConfigError(f"planner.memory_fraction={self.memory_fraction} is invalid: use (0, 1]")
         if self.process_overhead_gb < 0:
-            raise ValueError(f"planner.process_overhead_gb={self.process_overhead_gb} is invalid: use >= 0")
+            raise ConfigError(f"planner.process_overhead_gb={self.process_overhead_gb} is invalid: use >= 0")
         if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
-            raise ValueError(f"planner.memory_limit_gb={self.memory_limit_gb} is invalid: use > 0 or null")
+            raise ConfigError(f"planner.memory_limit_gb={self.memory_limit_gb} is invalid: use > 0 or null")
 
 
 @dataclass

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from autotune.config.settings import TrackingSettings
-from autotune.study.observer import StudyObserver
+from autotune.tracking.tracker import Tracker
 
 
-def make_tracker(
-    settings: TrackingSettings, *, study_name: str, resolved_config: str
-) -> StudyObserver | None:
+def make_tracker(settings: TrackingSettings, *, study_name: str, resolved_config: str) -> Tracker | None:
     """The tracker named by tracking.backend (None for `none`)."""
     if settings.backend == "none":
         return None
@@ -17,4 +15,4 @@ def make_tracker(
     return MlflowTracker(settings, study_name=study_name, resolved_config=resolved_config)
 
 
-__all__ = ["make_tracker"]
+__all__ = ["Tracker", "make_tracker"]

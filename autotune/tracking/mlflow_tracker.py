@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from autotune.config.settings import TrackingSettings
 from autotune.report.results import TrialRecord
-from autotune.study.observer import StudyObserver
+from autotune.tracking.tracker import Tracker
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -51,7 +51,7 @@ def _artifact_root(uri: str, settings: TrackingSettings) -> str | None:
     return None
 
 
-class MlflowTracker(StudyObserver):
+class MlflowTracker(Tracker):
     def __init__(self, settings: TrackingSettings, *, study_name: str, resolved_config: str) -> None:
         for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
+from serving.config import ConfigError
+
 T = TypeVar("T")
 
 LengthDist = Literal["constant", "uniform", "normal", "lognormal"]
@@ -26,7 +28,7 @@ def _plain(source: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
     if isinstance(source, DictConfig):
         container = OmegaConf.to_container(source, resolve=True)
         if not isinstance(container, dict):
-            raise ValueError(f"expected a mapping, got {type(container).__name__}")
+            raise ConfigError(f"expected a mapping, got {type(container).__name__}")
         return {str(k): v for k, v in container.items()}
     return dict(source)
 
@@ -35,13 +37,13 @@ def _check_keys(cls: type, where: str, data: Mapping[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
 
 
 def _check_choice(where: str, value: object, literal: Any) -> None:
     choices = get_args(literal)
     if value not in choices:
-        raise ValueError(f"{where}={value!r} is not one of {list(choices)}")
+        raise ConfigError(f"{where}={value!r} is not one of {list(choices)}")
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,13 @@ class LengthDistribution:
     def __post_init__(self) -> None:
         _check_choice("dist", self.dist, LengthDist)
         if self.mean < 1:
-            raise ValueError(f"mean must be >= 1 token, got {self.mean}")
+            raise ConfigError(f"mean must be >= 1 token, got {self.mean}")
         if not 0.0 <= self.range_ratio < 1.0:
-            raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+            raise ConfigError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
         if self.std < 0:
-            raise ValueError(f"std must be >= 0, got {self.std}")
+            raise ConfigError(f"std must be >= 0, got {self.std}")
         if self.min < 0 or (self.max is not None and self.max < self.min):
-            raise ValueError(f"need 0 <= min <= max, got min={self.min}, max={self.max}")
+            raise ConfigError(f"need 0 <= min <= max, got min={self.min}, max={self.max}")
 
     @classmethod
     def from_config(cls, source: Mapping[str, Any] | DictConfig | int, where: str) -> LengthDistribution:
@@ -77,8 +79,8 @@ class LengthDistribution:
         _check_keys(cls, where, data)
         try:
             return cls(**data)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from error
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class WorkloadConfig:
     def __post_init__(self) -> None:
         _check_choice("workload.api", self.api, Api)
         if self.prefix_len < 0:
-            raise ValueError(f"workload.prefix_len must be >= 0, got {self.prefix_len}")
+            raise ConfigError(f"workload.prefix_len must be >= 0, got {self.prefix_len}")
 
     @classmethod
     def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> WorkloadConfig:
@@ -144,32 +146,32 @@ class ArrivalConfig:
         _check_choice("arrival.kind", self.kind, ArrivalKind)
         if self.kind == "closed":
             if self.concurrency is None or self.concurrency < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"arrival.concurrency must be >= 1 for a closed loop, got {self.concurrency}"
                 )
             if self.num_requests is None:
-                raise ValueError(
+                raise ConfigError(
                     "arrival.num_requests is required for a closed loop (it caps the prompt pool)"
                 )
         else:
             if not (self.rate > 0 and math.isfinite(self.rate)):
-                raise ValueError(f"arrival.rate must be a positive finite req/s, got {self.rate}")
+                raise ConfigError(f"arrival.rate must be a positive finite req/s, got {self.rate}")
             if self.concurrency is not None and self.concurrency < 1:
-                raise ValueError(f"arrival.concurrency must be >= 1 or null, got {self.concurrency}")
+                raise ConfigError(f"arrival.concurrency must be >= 1 or null, got {self.concurrency}")
             if self.num_requests is None and self.duration_s is None:
-                raise ValueError("set arrival.num_requests or arrival.duration_s to bound the run")
+                raise ConfigError("set arrival.num_requests or arrival.duration_s to bound the run")
         if self.kind == "poisson" and self.burstiness != 1.0:
-            raise ValueError("arrival.burstiness applies to kind=gamma; poisson is gamma with k=1")
+            raise ConfigError("arrival.burstiness applies to kind=gamma; poisson is gamma with k=1")
         if self.burstiness <= 0:
-            raise ValueError(f"arrival.burstiness must be > 0, got {self.burstiness}")
+            raise ConfigError(f"arrival.burstiness must be > 0, got {self.burstiness}")
         if self.num_requests is not None and self.num_requests < 1:
-            raise ValueError(f"arrival.num_requests must be >= 1, got {self.num_requests}")
+            raise ConfigError(f"arrival.num_requests must be >= 1, got {self.num_requests}")
         if self.duration_s is not None and self.duration_s <= 0:
-            raise ValueError(f"arrival.duration_s must be > 0, got {self.duration_s}")
+            raise ConfigError(f"arrival.duration_s must be > 0, got {self.duration_s}")
         if self.warmup_requests < 0:
-            raise ValueError(f"arrival.warmup_requests must be >= 0, got {self.warmup_requests}")
+            raise ConfigError(f"arrival.warmup_requests must be >= 0, got {self.warmup_requests}")
         if self.sweep is not None and (not self.sweep or min(self.sweep) <= 0):
-            raise ValueError(f"arrival.sweep must list positive values, got {self.sweep}")
+            raise ConfigError(f"arrival.sweep must list positive values, got {self.sweep}")
 
     @property
     def closed(self) -> bool:
@@ -217,7 +219,7 @@ class SLOConfig:
         for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"slo.{name} must be >= 0 ms or null, got {value}")
+                raise ConfigError(f"slo.{name} must be >= 0 ms or null, got {value}")
 
     def as_dict(self) -> dict[str, float]:
         """vLLM's goodput dict: {"ttft": ms, ...} with only the objectives that are set."""
@@ -250,11 +252,11 @@ class ClientConfig:
     def __post_init__(self) -> None:
         _check_choice("client.http", self.http, HttpLibrary)
         if self.processes < 1:
-            raise ValueError(f"client.processes must be >= 1, got {self.processes}")
+            raise ConfigError(f"client.processes must be >= 1, got {self.processes}")
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
-            raise ValueError("client.timeout_s and client.connect_timeout_s must be > 0")
+            raise ConfigError("client.timeout_s and client.connect_timeout_s must be > 0")
         if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError(f"client.max_connections must be >= 1 or null, got {self.max_connections}")
+            raise ConfigError(f"client.max_connections must be >= 1 or null, got {self.max_connections}")
 
     @classmethod
     def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> ClientConfig:

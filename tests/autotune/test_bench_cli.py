@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from autotune.traffic.fake_server import fake_server
+from tests.fake_server import fake_server
 
 
 def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
