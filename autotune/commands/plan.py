@@ -39,7 +39,7 @@ def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
         durations = []
     if durations:
         return sum(durations) / len(durations), f"mean of {len(durations)} measured trial(s)"
-    arrival = ctx.traffic().arrival
+    arrival = ctx.traffic.arrival
     if arrival.closed:
         send_s = 30.0
         how = "closed loop: 30 s assumed"

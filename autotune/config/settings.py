@@ -191,7 +191,13 @@ class PlannerSettings:
 
 @dataclass
 class RunSettings:
-    """The whole composed run config (`autotune run conf=chat --cfg` prints it)."""
+    """The whole composed run config (`autotune run conf=chat --cfg` prints it).
+
+    `deployment` and the traffic sections stay plain containers here because their typed configs
+    (serving's DeploymentConfig, autotune.traffic.config's) are frozen and check themselves, which
+    OmegaConf's structured merge cannot build; build_context turns them into those types once, at start
+    (StudyContext.base and StudyContext.traffic), so a bad value fails before anything is launched.
+    """
 
     deployment: dict[str, Any] = field(default_factory=dict)
     """Fixed deployment values (model/ and backend/ groups land here); the search space varies the rest."""

@@ -34,6 +34,8 @@ class StudyContext:
     run_dir: Path
     report_dir: Path
     storage_url: str
+    traffic: Traffic
+    """The workload, arrival, SLOs and client every trial uses, typed and checked once at start."""
 
     @property
     def name(self) -> str:
@@ -44,22 +46,6 @@ class StudyContext:
         """What the planner may give one trial: trials running at once split the RAM (each has its GPUs)."""
         share = self.devices.ram_bytes // self.settings.study.parallel_trials
         return dataclasses.replace(self.devices, ram_bytes=share)
-
-    def traffic(self) -> Traffic:
-        """The workload every trial sends (traffic's own builders validate the sections)."""
-        from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
-
-        s = self.settings
-        workload = WorkloadConfig.from_config(s.workload)
-        local = self.base.model.resolve_path()
-        if workload.tokenizer is None and local is not None:  # the client tokenises as the server does
-            workload = dataclasses.replace(workload, tokenizer=str(self.base.model.tokenizer or local))
-        return Traffic(
-            workload=workload,
-            arrival=ArrivalConfig.from_config(s.arrival),
-            slo=SLOConfig.from_config(s.slo) if s.slo else None,
-            client=ClientConfig.from_config(s.client or None),
-        )
 
     def check(self, config: DeploymentConfig) -> tuple[str | None, MemoryPlan | None]:
         """Why this deployment cannot run here (None when it can): space rules, backend, devices, memory."""
@@ -96,6 +82,22 @@ def base_deployment(space: SearchSpace, overrides: dict[str, Any]) -> Deployment
         raise ConfigError(f"deployment: {err}") from None
 
 
+def build_traffic(settings: RunSettings, base: DeploymentConfig) -> Traffic:
+    """The run config's traffic sections as typed configs (traffic's own builders check them)."""
+    from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
+
+    workload = WorkloadConfig.from_config(settings.workload)
+    local = base.model.resolve_path()
+    if workload.tokenizer is None and local is not None:  # the client tokenises as the server does
+        workload = dataclasses.replace(workload, tokenizer=str(base.model.tokenizer or local))
+    return Traffic(
+        workload=workload,
+        arrival=ArrivalConfig.from_config(settings.arrival),
+        slo=SLOConfig.from_config(settings.slo) if settings.slo else None,
+        client=ClientConfig.from_config(settings.client or None),
+    )
+
+
 def build_context(settings: RunSettings, *, devices: Devices | None = None) -> StudyContext:
     space = load_space(settings.search.space)
     base = base_deployment(space, settings.deployment)
@@ -114,4 +116,5 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
         run_dir=run_dir,
         report_dir=report_dir,
         storage_url=storage,
+        traffic=build_traffic(settings, base),
     )

@@ -50,7 +50,7 @@ class StudyLoop:
         self.ctx = ctx
         self.study = study
         self.observers = list(observers)
-        self.traffic = ctx.traffic()
+        self.traffic = ctx.traffic
         self.slots = ctx.settings.study.parallel_trials
         self.pool = DevicePool(ctx.devices, self.slots, ctx.settings.trial.server_cpus)
         study_settings = ctx.settings.study
