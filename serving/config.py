@@ -28,6 +28,7 @@ AttentionBackend = Literal["eager", "sdpa", "paged"]
 SchedulingPolicy = Literal["request", "static", "continuous"]
 QueueOrder = Literal["fcfs", "priority", "sjf"]
 DpRouting = Literal["least_outstanding", "round_robin"]
+AllReduce = Literal["auto", "shm", "process_group"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -78,6 +79,10 @@ class ParallelConfig:
     """Allow more ranks than devices (CPU cores or GPUs)."""
     dp_routing: DpRouting = "least_outstanding"
     """How the front end picks a replica: fewest unfinished requests (ties in turn), or strict turns."""
+    allreduce: AllReduce = "auto"
+    """Builtin tensor parallel's all-reduce: DeepSpeed's shared-memory op (`shm`, fast but it spins while
+    it waits), torch.distributed's process group (`process_group`, gloo on CPU), or `auto`: shm when every
+    rank has cores of its own, else the process group."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp"):
@@ -174,6 +179,13 @@ class DeploymentConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    engine_args: str = ""
+    """Extra flags for an external engine (vllm, sglang), shell-split (`--enforce-eager`). They may add
+    engine options, never override one a field above maps; the builtin engine takes none. A field, not an
+    environment variable, so a study logs it and best.yaml launches what was measured."""
+    engine_python: str | None = None
+    """The external engine's interpreter; null: $SERVING_VLLM_PYTHON / $SERVING_SGLANG_PYTHON when set
+    (where an engine is installed is a fact of the machine), else the project's .venv-vllm / .venv-sglang."""
 
     def __post_init__(self) -> None:
         if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs:

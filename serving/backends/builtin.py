@@ -20,9 +20,16 @@ class BuiltinBackend(ServingBackend):
     name = "builtin"
 
     def validate(self, config: DeploymentConfig) -> None:
-        """Every DeploymentConfig field is a builtin-engine knob; only the backend name can be wrong."""
+        """Every DeploymentConfig field is a builtin-engine knob but the external engine's two."""
         if config.backend != self.name:
             raise ConfigError(f"backend={config.backend!r} handed to the builtin backend; use get_backend()")
+        for key in ("engine_args", "engine_python"):
+            if getattr(config, key):
+                raise ConfigError(
+                    f"{key}={getattr(config, key)!r}: the builtin engine takes no external engine's "
+                    f"{'flags' if key == 'engine_args' else 'interpreter'}; remove it or use "
+                    "backend=vllm/sglang"
+                )
 
     def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
         """With config_path the full config is written there; without, the fields that differ from the

@@ -37,7 +37,7 @@ class ExternalEngineBackend(ServingBackend):
     python_env: str
     """Environment variable naming the engine's interpreter."""
     extra_args_env: str
-    """Environment variable holding extra engine flags (shell-split)."""
+    """The environment variable that once held extra flags: refused by name, they are `engine_args` now."""
     default_python: Path
     """The interpreter used when python_env is unset."""
     entrypoint: str
@@ -49,13 +49,19 @@ class ExternalEngineBackend(ServingBackend):
     """Why scheduler.queue_order=sjf is refused: what the engine's queue policies are instead."""
 
     def __init__(self, *, python: Path | None = None, extra: Sequence[str] | None = None) -> None:
-        """python / extra override $python_env / $extra_args_env (tests, other tools)."""
+        """python / extra override the config's engine_python / engine_args (tests, other tools)."""
         self._python = python
         self._extra = list(extra) if extra is not None else None
 
     @property
     def python(self) -> Path:
+        """The interpreter when the config names none: $python_env, else the project's venv."""
         return self._python or engine_python(self.python_env, self.default_python)
+
+    def python_for(self, config: DeploymentConfig) -> Path:
+        if self._python is None and config.engine_python:
+            return Path(config.engine_python).expanduser()
+        return self.python
 
     def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
         """argv of the engine's server; config_path, when given, records the deployment it serves."""
@@ -63,9 +69,9 @@ class ExternalEngineBackend(ServingBackend):
             config_path.parent.mkdir(parents=True, exist_ok=True)
             config_path.write_text(config.to_yaml())
         mapped = self.engine_args(config, port)
-        extra = extra_args(self.extra_args_env, self._extra)
-        check_no_overlap(extra, mapped, self.name, self.extra_args_env)
-        return [str(self.python), "-m", self.entrypoint, *mapped, *extra]
+        extra = extra_args(config, self.extra_args_env, self._extra)
+        check_no_overlap(extra, mapped, self.name)
+        return [str(self.python_for(config)), "-m", self.entrypoint, *mapped, *extra]
 
     def validate(self, config: DeploymentConfig) -> None:
         """Every knob the engine lacks, named in one ConfigError (both engines batch continuously)."""
@@ -110,24 +116,31 @@ def require_executable(python: Path, engine: str, env_var: str, setup_hint: str)
     if not (python.is_file() and os.access(python, os.X_OK)):
         raise ConfigError(
             f"backend={engine!r}: no Python interpreter at {python}; {setup_hint} "
-            f"or point {env_var} at a python that has {engine} installed"
+            f"or set engine_python (or {env_var}) to a python that has {engine} installed"
         )
 
 
-def extra_args(env_var: str, given: Sequence[str] | None) -> list[str]:
-    """Extra engine flags: those given to the backend, else shell-split from $env_var (--enforce-eager)."""
+def extra_args(config: DeploymentConfig, old_env_var: str, given: Sequence[str] | None) -> list[str]:
+    """Extra engine flags: those given to the backend, else the config's engine_args, shell-split. The
+    old environment variable is refused rather than ignored: flags nobody logged would change the result."""
+    if os.environ.get(old_env_var):
+        raise ConfigError(
+            f"{old_env_var} is no longer read: extra engine flags are part of the deployment; set "
+            f"engine_args={os.environ[old_env_var]!r} in the deployment (or --set engine_args=...) and "
+            f"unset {old_env_var}"
+        )
     if given is not None:
         return list(given)
-    return shlex.split(os.environ.get(env_var, ""))
+    return shlex.split(config.engine_args)
 
 
-def check_no_overlap(extra: Sequence[str], mapped: Iterable[str], engine: str, env_var: str) -> None:
+def check_no_overlap(extra: Sequence[str], mapped: Iterable[str], engine: str) -> None:
     """Extra flags may add engine options, never override one the DeploymentConfig sets (a silent change)."""
     mapped_flags = {arg for arg in mapped if arg.startswith("--")}
     clashes = sorted({arg.split("=", 1)[0] for arg in extra if arg.startswith("--")} & mapped_flags)
     if clashes:
         raise ConfigError(
-            f"backend={engine!r}: {env_var} sets {', '.join(clashes)}, which the DeploymentConfig already "
+            f"backend={engine!r}: engine_args sets {', '.join(clashes)}, which the DeploymentConfig already "
             "maps; change the config field instead"
         )
 

@@ -1,9 +1,9 @@
 """The SGLang backend: a DeploymentConfig as `python -m sglang.launch_server` flags and environment.
 
 Flags checked against SGLang's python/sglang/srt/server_args.py (ServerArgs; sgl-project/sglang at
-001067f). SGLang lives in its own venv; environment read when the command is built:
-  SERVING_SGLANG_PYTHON      the interpreter (default <repo>/.venv-sglang/bin/python)
-  SERVING_SGLANG_EXTRA_ARGS  extra flags, shell-split (e.g. "--disable-cuda-graph"); no mapped flag twice.
+001067f). SGLang lives in its own venv: the deployment's engine_python, else $SERVING_SGLANG_PYTHON, else
+<repo>/.venv-sglang/bin/python. Extra flags are the deployment's engine_args ("--disable-cuda-graph");
+no mapped flag twice.
 SGLang has no KV budget in bytes: cache.kv_cache_memory_gb becomes --max-total-tokens (the token pool)
 from the model's geometry. Knobs SGLang does not have are refused by validate(), naming the field.
 """
@@ -107,7 +107,7 @@ class SGLangBackend(ExternalEngineBackend):
 
     def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:
         """On CPU: SGLang's CPU engine and one OpenMP core list per rank."""
-        require_executable(self.python, self.name, PYTHON_ENV, "install sglang into .venv-sglang")
+        require_executable(self.python_for(config), self.name, PYTHON_ENV, "install sglang into .venv-sglang")
         env = {"TOKENIZERS_PARALLELISM": "false"}
         if uses_cpu(config):
             env["SGLANG_USE_CPU_ENGINE"] = "1"

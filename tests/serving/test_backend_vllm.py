@@ -94,12 +94,19 @@ def test_chunked_prefill_off_is_explicit() -> None:
     assert "--no-enable-chunked-prefill" in argv and "--enable-chunked-prefill" not in argv
 
 
-def test_python_and_extra_args_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SERVING_VLLM_PYTHON", "/opt/vllm/bin/python")
-    monkeypatch.setenv("SERVING_VLLM_EXTRA_ARGS", "--enforce-eager --max-log-len 10")
-    argv = VLLMBackend().command(vllm_config(), 8000)
+def test_python_and_extra_args_come_from_the_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVING_VLLM_PYTHON", "/opt/vllm/bin/python")  # the machine's default location
+    argv = VLLMBackend().command(vllm_config(engine_args="--enforce-eager --max-log-len 10"), 8000)
     assert argv[0] == "/opt/vllm/bin/python"
     assert argv[-3:] == ["--enforce-eager", "--max-log-len", "10"]
+    named = VLLMBackend().command(vllm_config(engine_python="/srv/vllm/bin/python"), 8000)
+    assert named[0] == "/srv/vllm/bin/python"  # the deployment's own interpreter wins
+
+
+def test_the_old_extra_args_variable_is_refused_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVING_VLLM_EXTRA_ARGS", "--enforce-eager")
+    with pytest.raises(ConfigError, match="engine_args='--enforce-eager'"):
+        VLLMBackend().command(vllm_config(), 8000)
 
 
 def test_extra_args_may_not_override_a_mapped_knob() -> None:
@@ -263,10 +270,10 @@ def test_vllm_own_parser_reads_every_mapped_flag() -> None:
 @pytest.mark.slow
 def test_two_rank_vllm_binds_one_core_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """tp=2 on both cores, chunked prefill and priority scheduling: served, and bound as "0|1"."""
-    monkeypatch.setenv("SERVING_VLLM_EXTRA_ARGS", "--enforce-eager")
     cpus = sorted(os.sched_getaffinity(0))[:2]
     config = vllm_config(
         **{
+            "engine_args": "--enforce-eager",
             "device": "auto",
             "parallel.tp": 2,
             "scheduler.chunked_prefill": True,

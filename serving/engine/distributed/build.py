@@ -163,7 +163,7 @@ def build_parallel_engine(config: DeploymentConfig) -> Any:
     validate_for_launch(config)
     device = resolve_device(config.device)
     world = config.parallel.tp * config.parallel.pp
-    specs = plan_ranks(world, device.type)
+    specs = plan_ranks(world, device.type, config.parallel.allreduce)
     os.environ.update(specs[0].env())  # DeepSpeed's shm all-reduce reads LOCAL_SIZE/MASTER_* from here
     pin_this_process(specs[0].cpus)
     group = RankGroup(config, specs)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 MASTER_ADDR = "127.0.0.1"
 ALLREDUCE_ENV = "SERVING_TP_ALLREDUCE"
-"""`shm` (DeepSpeed's shared-memory all-reduce) or `process_group` (gloo/nccl). Every rank of a group must
-use the same; rank 0 decides (plan_ranks) unless it is set in the server's environment."""
-ALLREDUCE_CHOICES = ("shm", "process_group")
+"""How rank 0 tells each rank process the all-reduce path it chose from `parallel.allreduce` (every rank
+of a group must use the same): internal plumbing between the engine's own processes, not a user knob."""
 
 
 def split_cpus(cpus: Sequence[int], parts: int) -> list[list[int]]:
@@ -71,7 +70,8 @@ class RankSpec:
     gpu: str | None
     """The one GPU id this rank sees (CUDA), None on CPU."""
     allreduce: str = "shm"
-    """ALLREDUCE_CHOICES: shm spins while it waits, so it is used only when every rank has its own cores."""
+    """`shm` or `process_group`: shm spins while it waits, so `auto` uses it only when every rank has its
+    own cores."""
 
     def env(self) -> dict[str, str]:
         """torch.distributed / DeepSpeed variables. LOCAL_SIZE must equal the world size, or DeepSpeed's
@@ -95,19 +95,17 @@ class RankSpec:
         return env
 
 
-def plan_ranks(world_size: int, device_type: str) -> list[RankSpec]:
-    """Specs for ranks 0..world_size-1 over this process's cores (or visible GPUs)."""
+def plan_ranks(world_size: int, device_type: str, allreduce: str = "auto") -> list[RankSpec]:
+    """Specs for ranks 0..world_size-1 over this process's cores (or visible GPUs); `allreduce` is
+    parallel.allreduce (`auto`: shm when every rank has a core of its own)."""
     port = free_port()
     cpus = list(os.sched_getaffinity(0))
     cpu_shares = split_cpus(cpus, world_size)
     gpus: list[str | None] = [None] * world_size
     if device_type == "cuda":
         gpus = [share[0] for share in split_gpus(visible_gpus(), world_size)]
-    allreduce = os.environ.get(ALLREDUCE_ENV) or ("shm" if world_size <= len(cpus) else "process_group")
-    if allreduce not in ALLREDUCE_CHOICES:
-        raise ValueError(
-            f"{ALLREDUCE_ENV}={allreduce!r} is invalid: choose one of {', '.join(ALLREDUCE_CHOICES)}"
-        )
+    if allreduce == "auto":
+        allreduce = "shm" if world_size <= len(cpus) else "process_group"
     return [
         RankSpec(rank, world_size, port, tuple(cpu_shares[rank]), gpus[rank], allreduce)
         for rank in range(world_size)
