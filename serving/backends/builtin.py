@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +10,7 @@ import yaml
 
 from serving.backends.base import ServingBackend
 from serving.config import ConfigError, DeploymentConfig
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-"""The directory holding the `serving` package, so `python -m serving.cli` imports this very copy."""
+from serving.paths import pythonpath_with_package
 
 
 class BuiltinBackend(ServingBackend):
@@ -47,8 +44,7 @@ class BuiltinBackend(ServingBackend):
         return [*base, *sets, "--port", str(port)]
 
     def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:
-        path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        return {**super().env(config, cpus), "PYTHONPATH": path}
+        return {**super().env(config, cpus), "PYTHONPATH": pythonpath_with_package()}
 
 
 def yaml_scalar(value: object) -> str:

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection, Pipe
 
-from serving.backends.builtin import PACKAGE_ROOT
+from serving.paths import pythonpath_with_package
 
 log = logging.getLogger("serving")
 
@@ -64,8 +64,7 @@ def spawn(name: str, module: str, env: Mapping[str, str]) -> Child:
     """Start `python -m module` with env added and a duplex pipe on fd CONN_FD_ENV."""
     parent_conn, child_conn = Pipe(duplex=True)
     fd = child_conn.fileno()
-    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    full_env = {**os.environ, **env, CONN_FD_ENV: str(fd), "PYTHONPATH": path}
+    full_env = {**os.environ, **env, CONN_FD_ENV: str(fd), "PYTHONPATH": pythonpath_with_package()}
     proc = subprocess.Popen(
         [sys.executable, "-m", module],
         env=full_env,
