@@ -18,7 +18,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from serving.config import DeploymentConfig
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.metrics import EngineMetrics
 from serving.engine.output_streams import EngineDeadError, OutputStreams
@@ -44,21 +43,13 @@ class AsyncEngine(OutputStreams):
         self.max_model_len = engine.max_model_len
         self.metrics = EngineMetrics()
         self.registry: CollectorRegistry = self.metrics.registry
-        register = getattr(engine, "register_metrics", None)  # hook: parallel engines add their metrics
-        if register is not None:
-            register(self.registry)
+        engine.register_metrics(self.registry)
         self._commands: deque[tuple[Any, ...]] = deque()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._observe(None)
-
-    @classmethod
-    def from_config(cls, config: DeploymentConfig) -> AsyncEngine:
-        """Load the model and size the KV cache (blocking: call before the event loop serves)."""
-        engine = LLMEngine.from_config(config)
-        return cls(engine, tokenizer=engine.tokenizer, model_name=config.model.name)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -75,9 +66,7 @@ class AsyncEngine(OutputStreams):
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        close = getattr(self.engine, "close", None)  # hook: parallel engines stop their worker ranks
-        if close is not None:
-            await asyncio.to_thread(close)
+        await asyncio.to_thread(self.engine.close)
         self._fail_all(EngineDeadError("engine shut down"))
 
     def is_healthy(self) -> bool:

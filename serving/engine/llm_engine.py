@@ -10,6 +10,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from serving.config import ConfigError, DeploymentConfig
 from serving.engine.attention import attn_implementation_name
@@ -85,13 +86,15 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: DeploymentConfig) -> LLMEngine:
-        """Load tokenizer and model as the config says, size the KV cache from its memory budget."""
+        """Load tokenizer and model as the config says, size the KV cache from its memory budget: one
+        process. serving.engine.factory.build_engine picks this or a tensor/pipeline-parallel engine."""
         from serving.engine.model_loader import load_model, load_tokenizer, resolve_device
 
-        if config.parallel.tp > 1 or config.parallel.pp > 1:  # hook: helper "parallel"
-            from serving.engine.distributed.build import build_parallel_engine
-
-            return build_parallel_engine(config)  # type: ignore[no-any-return]
+        if config.parallel.world_size > 1:
+            raise ValueError(
+                f"parallel dp x tp x pp = {config.parallel.world_size} ranks: LLMEngine.from_config builds "
+                "one process; use serving.engine.factory.build_engine (or build_client for dp > 1)"
+            )
         set_torch_threads()
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(config.model)
@@ -104,16 +107,7 @@ class LLMEngine:
 
     def validate_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
         """Raise ValueError for a request the engine could not run (so the step loop never sees it)."""
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty: send at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens; model.max_model_len={self.max_model_len} "
-                "leaves no room for output: shorten the prompt"
-            )
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        check_request(prompt_token_ids, self.max_model_len, self.vocab_size)
 
     def add_request(
         self,
@@ -176,6 +170,12 @@ class LLMEngine:
                 self.runner.release(o.request_id)
         self.num_generation_tokens_total += len(outputs)
 
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add engine-specific Prometheus families (parallel engines do; one process has none)."""
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process (a parallel engine's worker ranks)."""
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_waiting=self.scheduler.num_waiting,
@@ -198,6 +198,21 @@ class LLMEngine:
             for o in self.step():
                 results[o.request_id].extend(o.new_token_ids)
         return [results[rid] for rid in ids]
+
+
+def check_request(prompt_token_ids: Seq[int], max_model_len: int, vocab_size: int) -> None:
+    """ValueError for a prompt no engine of this model could run; shared with the data-parallel front end,
+    which refuses bad requests before routing them."""
+    if not prompt_token_ids:
+        raise ValueError("prompt is empty: send at least one token")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(
+            f"prompt has {len(prompt_token_ids)} tokens; model.max_model_len={max_model_len} "
+            "leaves no room for output: shorten the prompt"
+        )
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
 def _use_attention(model: torch.nn.Module, name: str) -> None:

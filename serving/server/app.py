@@ -20,9 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.engine.client import EngineClient
 from serving.engine.sampling_params import SamplingParams
 from serving.server import errors
-from serving.server.engine_client import EngineClient
 from serving.server.errors import APIError
 from serving.server.generation import (
     Completion,

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import anyio
 
+from serving.engine.client import EngineClient
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
 from serving.server.detokenizer import IncrementalDetokenizer, backend_tokenizer
-from serving.server.engine_client import EngineClient
 from serving.server.stop_strings import StopStringMatcher
 
 

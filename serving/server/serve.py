@@ -19,8 +19,8 @@ from types import FrameType
 import uvicorn
 
 from serving.config import ConfigError, DeploymentConfig
+from serving.engine.client import EngineClient
 from serving.server.app import build_app
-from serving.server.engine_client import EngineClient
 
 GRACEFUL_SHUTDOWN_S = 5
 """How long uvicorn waits for open responses before cancelling them (each cancel aborts its request)."""
@@ -78,14 +78,10 @@ def serve(config: DeploymentConfig) -> int:
 
 
 def _load_engine(config: DeploymentConfig) -> EngineClient:
-    from serving.engine.async_engine import AsyncEngine  # torch import: only when really serving
+    from serving.engine.factory import build_client  # torch import: only when really serving
 
     log.info("loading model %s (backend builtin, device %s)", config.model.path, config.device)
-    if config.parallel.dp > 1:  # hook: helper "parallel" (replicas behind this front end)
-        from serving.engine.distributed.data_parallel import DataParallelEngine
-
-        return DataParallelEngine.from_config(config)
-    return AsyncEngine.from_config(config)
+    return build_client(config)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

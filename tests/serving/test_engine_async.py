@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 
 from serving.config import DeploymentConfig
 from serving.engine.async_engine import AsyncEngine, EngineDeadError
+from serving.engine.factory import build_client
 from serving.engine.llm_engine import LLMEngine, eos_token_ids
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
@@ -161,7 +162,7 @@ async def test_a_dead_step_loop_fails_streams_and_health(model: torch.nn.Module)
 
 
 async def test_from_config_loads_the_shipped_model_and_tokenizer() -> None:
-    engine = AsyncEngine.from_config(deployment(**{"cache.kv_cache_memory_gb": 0.01}))
+    engine = build_client(deployment(**{"cache.kv_cache_memory_gb": 0.01}))
     assert engine.model_name == "llama-tiny" and engine.max_model_len == 256
     assert engine.stats().kv_blocks_total == int(0.01 * 1024**3) // (8 * 512)
     await engine.start()

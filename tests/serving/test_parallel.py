@@ -153,6 +153,7 @@ def test_front_end_routing(routing: str) -> None:
 
 def _equality_run(layout: str) -> dict[str, Any]:
     """In a fresh process: {policy: {"ref": tokens, "got": tokens}} for one parallel engine."""
+    from serving.engine.factory import build_engine
     from serving.engine.llm_engine import LLMEngine
     from serving.engine.sampling_params import SamplingParams
     from serving.engine.scheduler import Scheduler
@@ -160,7 +161,7 @@ def _equality_run(layout: str) -> dict[str, Any]:
     prompts = random_prompts(seed=len(layout))
     greedy = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
     results: dict[str, Any] = {}
-    engine: Any = LLMEngine.from_config(config(**LAYOUTS[layout]))
+    engine: Any = build_engine(config(**LAYOUTS[layout]))
     try:
         for name, overrides in POLICIES.items():
             cfg = config(**overrides)

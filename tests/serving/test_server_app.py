@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
 from serving.config import DeploymentConfig
 from serving.engine.async_engine import AsyncEngine
+from serving.engine.factory import build_client
 from serving.server.app import build_app
 
 
 @pytest.fixture
 async def engine(make_config: Callable[..., DeploymentConfig]) -> AsyncIterator[AsyncEngine]:
-    engine = AsyncEngine.from_config(make_config())
+    engine = cast(AsyncEngine, build_client(make_config()))
     await engine.start()
     try:
         yield engine

@@ -1,8 +1,10 @@
 """Parallel serving in the builtin engine: data-parallel replicas, tensor parallel (DeepSpeed AutoTP) and
-pipeline stages. See docs/parallel.md for the process layout and the step protocol.
+pipeline stages. serving.engine.factory picks among them; docs/parallel.md has the process layout and the
+step protocol.
 
-Entry points:
   validate.validate_parallel(config, model_config, num_devices)  -> ConfigError before anything starts
-  build.build_parallel_engine(config)                            -> an LLMEngine over tp x pp ranks
-  data_parallel.DataParallelEngine.from_config(config)           -> dp replicas behind one EngineClient
+  rank_group.start_rank_group(config)         -> rank 0's part of a tp x pp replica, its workers spawned
+  tp_engine / pipeline_engine                 -> rank 0's engine of that replica (an LLMEngine)
+  data_parallel.DataParallelEngine            -> dp replicas (replica.py) behind one EngineClient
+  worker.py                                   -> ranks 1.. of a replica
 """

@@ -26,11 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from serving.config import DeploymentConfig
-from serving.engine.distributed.build import CPUS_ENV
 from serving.engine.distributed.placement import split_cpus, split_gpus, visible_gpus
-from serving.engine.distributed.process import CONFIG_ENV, Child, Watchdog, spawn, stop_children
+from serving.engine.distributed.process import CONFIG_ENV, CPUS_ENV, Child, Watchdog, spawn, stop_children
 from serving.engine.distributed.validate import validate_for_launch
-from serving.engine.llm_engine import LLMEngine
+from serving.engine.llm_engine import check_request
 from serving.engine.output_streams import EngineDeadError, OutputStreams
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampling_params import SamplingParams
@@ -53,7 +52,7 @@ class Replica:
 
 
 class DataParallelEngine(OutputStreams):
-    """EngineClient over dp replica processes (see serving/server/engine_client.py)."""
+    """EngineClient over dp replica processes (see serving/engine/client.py)."""
 
     def __init__(self, config: DeploymentConfig, replicas: list[Replica], tokenizer: Any) -> None:
         super().__init__()
@@ -146,7 +145,7 @@ class DataParallelEngine(OutputStreams):
         """As AsyncEngine.generate: one RequestOutput per step with new tokens; ValueError up front."""
         if not self.is_healthy():
             raise EngineDeadError(f"engine is not running: {self._dead or 'shut down'}")
-        LLMEngine.validate_request(self, prompt_token_ids, params)  # type: ignore[arg-type]
+        check_request(prompt_token_ids, self.max_model_len, self.vocab_size)
         queue = self._open(request_id)
         replica = self._route()
         self._where[request_id] = replica

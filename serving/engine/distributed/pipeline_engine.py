@@ -18,22 +18,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry
 
 from serving.config import DeploymentConfig
-from serving.engine.distributed.build import RankGroup
-from serving.engine.distributed.group_engine import RankGroupEngine
+from serving.engine.distributed.metrics import FamiliesCollector, pipeline_families
 from serving.engine.distributed.pipeline import (
     TAG_HIDDEN,
     TAG_LOGITS,
     TAG_TOKENS,
     decoder_of,
     global_caches,
-    make_stage,
     run_stage,
     tag,
 )
-from serving.engine.distributed.step_codec import encode
-from serving.engine.distributed.tensor_parallel import strip_caches
+from serving.engine.distributed.rank_group import RankGroup, RankGroupEngine, RankModel
+from serving.engine.distributed.step_codec import encode, strip_caches
 from serving.engine.model_runner import ModelRunner, model_dtype
 from serving.engine.outputs import RequestOutput
 from serving.engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -65,23 +64,17 @@ class PipelineRunner(ModelRunner):
     """Stage 0's runner: builds the step (as ModelRunner.execute), computes stage 0, sends it on."""
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        config: DeploymentConfig,
-        num_blocks: int,
-        start: int,
-        num_layers: int,
-        group: RankGroup,
-        device: torch.device,
+        self, config: DeploymentConfig, part: RankModel, group: RankGroup, device: torch.device
     ) -> None:
+        model = part.model
         super().__init__(
             model,
             attention=config.attention,
-            num_blocks=num_blocks,
+            num_blocks=part.num_blocks,
             block_size=config.cache.block_size,
             device=device,
         )
-        self.kv_caches = global_caches(self.kv_caches, start, num_layers)
+        self.kv_caches = global_caches(self.kv_caches, part.first_layer, part.num_layers)
         self.group = group
         self.pp = config.parallel.pp
         self.hidden_size = int(decoder_of(model).embed_tokens.embedding_dim)
@@ -127,21 +120,11 @@ class PipelineRunner(ModelRunner):
 class PipelineEngine(RankGroupEngine):
     """Rank 0's engine whose step keeps up to `depth` micro-batches of disjoint sequences in the pipeline."""
 
-    def __init__(
-        self,
-        config: DeploymentConfig,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        group: RankGroup,
-        num_blocks: int,
-    ) -> None:
-        num_layers = len(decoder_of(model).layers)
-        start, _ = make_stage(model, 0, config.parallel.pp)
-        super().__init__(config, model, tokenizer, group, num_blocks)
-        device = next(iter(model.parameters())).device
-        self.runner: PipelineRunner = PipelineRunner(
-            model, config, num_blocks, start, num_layers, group, device
-        )
+    def __init__(self, config: DeploymentConfig, part: RankModel, tokenizer: Any, group: RankGroup) -> None:
+        """part: stage 0, already cut (rank_group.load_rank_model)."""
+        super().__init__(config, part, tokenizer, group)
+        device = next(iter(part.model.parameters())).device
+        self.runner: PipelineRunner = PipelineRunner(config, part, group, device)
         self.depth = config.parallel.pp if config.scheduler.policy == "continuous" else 1
         self.inflight: deque[MicroBatch] = deque()
         self.peak_inflight = 0
@@ -198,6 +181,9 @@ class PipelineEngine(RankGroupEngine):
         self._last_complete = now
         self.account(outputs)
         return outputs
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        registry.register(FamiliesCollector(lambda: pipeline_families(self.group.busy, len(self.inflight))))
 
     def close(self) -> None:
         for mb in self.inflight:

@@ -14,9 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MASTER_ADDR = "127.0.0.1"
-ALLREDUCE_ENV = "SERVING_TP_ALLREDUCE"
-"""How rank 0 tells each rank process the all-reduce path it chose from `parallel.allreduce` (every rank
-of a group must use the same): internal plumbing between the engine's own processes, not a user knob."""
 
 
 def split_cpus(cpus: Sequence[int], parts: int) -> list[list[int]]:
@@ -70,8 +67,8 @@ class RankSpec:
     gpu: str | None
     """The one GPU id this rank sees (CUDA), None on CPU."""
     allreduce: str = "shm"
-    """`shm` or `process_group`: shm spins while it waits, so `auto` uses it only when every rank has its
-    own cores."""
+    """parallel.allreduce resolved (`shm` or `process_group`; every rank of a group uses the same): shm
+    spins while it waits, so `auto` uses it only when every rank has its own cores."""
 
     def env(self) -> dict[str, str]:
         """torch.distributed / DeepSpeed variables. LOCAL_SIZE must equal the world size, or DeepSpeed's
@@ -88,7 +85,6 @@ class RankSpec:
             "MASTER_PORT": str(self.master_port),
             "OMP_NUM_THREADS": str(len(self.cpus)),
             "TOKENIZERS_PARALLELISM": "false",
-            ALLREDUCE_ENV: self.allreduce,
         }
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu

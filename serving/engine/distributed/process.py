@@ -22,6 +22,9 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection, Pipe
 
+import yaml
+
+from serving.config import DeploymentConfig
 from serving.paths import pythonpath_with_package
 
 log = logging.getLogger("serving")
@@ -34,6 +37,8 @@ CONN_FD_ENV = "SERVING_PARALLEL_FD"
 """File descriptor of the child's end of its pipe to the parent."""
 CONFIG_ENV = "SERVING_PARALLEL_CONFIG"
 """The child's DeploymentConfig as YAML."""
+CPUS_ENV = "SERVING_PARALLEL_CPUS"
+"""The cores the child pins itself to (comma-separated): its share of its parent's."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -86,6 +91,19 @@ def child_setup() -> Connection:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return Connection(int(os.environ[CONN_FD_ENV]))
+
+
+def child_config() -> DeploymentConfig:
+    """In a child: the DeploymentConfig its parent sent, after pinning this process to its cores."""
+    from serving.engine.distributed.placement import pin_this_process
+
+    data = yaml.safe_load(os.environ[CONFIG_ENV])
+    if not isinstance(data, dict):
+        raise ValueError(f"{CONFIG_ENV} is not a YAML mapping")
+    cpus = os.environ.get(CPUS_ENV)
+    if cpus:
+        pin_this_process([int(c) for c in cpus.split(",")])
+    return DeploymentConfig.from_dict(data)
 
 
 def run_child(serve: Callable[[Connection], int]) -> int:

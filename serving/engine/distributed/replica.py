@@ -12,7 +12,10 @@ import os
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.engine.llm_engine import LLMEngine
 
 IDLE_WAIT_S = 0.1
 GATHER_WAIT_S = 0.001
@@ -27,23 +30,15 @@ def main() -> int:
 
 
 def _serve(conn: Connection) -> int:
-    import yaml
     from prometheus_client import generate_latest
 
-    from serving.config import DeploymentConfig
-    from serving.engine.distributed.build import CPUS_ENV
-    from serving.engine.distributed.placement import pin_this_process
-    from serving.engine.distributed.process import CONFIG_ENV
-    from serving.engine.llm_engine import LLMEngine
+    from serving.engine.distributed.process import child_config
+    from serving.engine.factory import build_engine
     from serving.engine.metrics import EngineMetrics
 
-    config = DeploymentConfig.from_dict(yaml.safe_load(os.environ[CONFIG_ENV]))
-    pin_this_process([int(c) for c in os.environ[CPUS_ENV].split(",")])
-    engine = LLMEngine.from_config(config)
+    engine = build_engine(child_config())
     metrics = EngineMetrics()
-    register = getattr(engine, "register_metrics", None)
-    if register is not None:
-        register(metrics.registry)
+    engine.register_metrics(metrics.registry)
 
     def push() -> None:
         conn.send(("metrics", generate_latest(metrics.registry).decode(), engine.stats()))
@@ -84,12 +79,10 @@ def _serve(conn: Connection) -> int:
             if outputs:
                 conn.send(("out", outputs))
     finally:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        engine.close()
 
 
-def _apply(engine: Any, conn: Connection, message: tuple[Any, ...]) -> bool:
+def _apply(engine: LLMEngine, conn: Connection, message: tuple[Any, ...]) -> bool:
     """Apply one command; False on stop."""
     kind = message[0]
     if kind == "add":

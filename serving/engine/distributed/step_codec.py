@@ -1,4 +1,5 @@
-"""Fast pickling of one step's inputs: small tensors go as raw bytes, not through torch's storage pickler.
+"""The step message rank 0 sends its other ranks (the forward's kwargs without KV caches), pickled fast:
+small tensors go as raw bytes, not through torch's storage pickler.
 
 A step message (the model's kwargs and the attention metadata dataclasses) holds a dozen small index
 tensors. Pickling tensors directly costs ~1 ms each way on this machine; here tensors are swapped for
@@ -15,6 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from serving.engine.attention import METADATA_KWARG
+
 _MARK = "serving-step-codec"
 
 
@@ -27,6 +30,23 @@ def encode(message: Any) -> bytes:
     skeleton = _strip(message, tensors)
     blobs = [(t.dtype, tuple(t.shape), t.detach().cpu().contiguous().numpy().tobytes()) for t in tensors]
     return pickle.dumps((_MARK, skeleton, blobs), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def strip_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The forward's kwargs without the KV-cache tensors (each rank has its own), ready to encode."""
+    meta = kwargs.get(METADATA_KWARG)
+    if meta is None:
+        return kwargs
+    light = copy.copy(meta)
+    light.kv_caches = []
+    return {**kwargs, METADATA_KWARG: light}
+
+
+def attach_caches(kwargs: dict[str, Any], kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give a decoded step this rank's own KV caches (the inverse of strip_caches)."""
+    meta = kwargs.get(METADATA_KWARG)
+    if meta is not None:
+        meta.kv_caches = kv_caches
 
 
 def decode(data: bytes, device: torch.device) -> Any:

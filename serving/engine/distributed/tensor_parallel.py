@@ -10,9 +10,6 @@ replica is split across its ranks.
 
 from __future__ import annotations
 
-import copy
-import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -20,9 +17,8 @@ from typing import Any
 
 import torch
 
-from serving.engine.attention import METADATA_KWARG
 from serving.engine.distributed.process import Child
-from serving.engine.distributed.step_codec import encode
+from serving.engine.distributed.step_codec import encode, strip_caches
 
 DIST_TIMEOUT = timedelta(minutes=30)
 """Collectives wait this long; a dead rank is caught by the watchdog long before."""
@@ -32,23 +28,18 @@ def dist_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_tensor_parallel(device: torch.device) -> None:
-    """deepspeed.comm over the RANK/WORLD_SIZE/MASTER_* environment (set by placement.RankSpec.env); its
-    shared-memory all-reduce is switched off unless SERVING_TP_ALLREDUCE=shm (the same on every rank)."""
+def init_tensor_parallel(device: torch.device, allreduce: str) -> None:
+    """deepspeed.comm over the RANK/WORLD_SIZE/MASTER_* environment (set by placement.RankSpec.env);
+    `allreduce` is the group's resolved parallel.allreduce (the same on every rank): anything but `shm`
+    switches DeepSpeed's shared-memory all-reduce off."""
     import deepspeed
     import deepspeed.comm.comm as ds_comm
 
-    from serving.engine.distributed.placement import ALLREDUCE_ENV
-
-    _init(deepspeed, device)
-    if os.environ.get(ALLREDUCE_ENV, "shm") != "shm" and ds_comm.cdb is not None:
-        ds_comm.cdb.shm_vector_kernel_level = 0  # DeepSpeed then calls torch.distributed.all_reduce
-
-
-def _init(deepspeed: Any, device: torch.device) -> None:
     deepspeed.init_distributed(
         dist_backend=dist_backend(device), auto_mpi_discovery=False, timeout=DIST_TIMEOUT
     )
+    if allreduce != "shm" and ds_comm.cdb is not None:
+        ds_comm.cdb.shm_vector_kernel_level = 0  # DeepSpeed then calls torch.distributed.all_reduce
 
 
 def shard_model(model: torch.nn.Module, tp: int, dtype: torch.dtype) -> torch.nn.Module:
@@ -95,34 +86,13 @@ class StepBroadcaster:
     def __init__(self, followers: Sequence[Child]) -> None:
         self.followers = list(followers)
         self.seconds = 0.0
-        self.lock = threading.Lock()
 
     def attach(self, model: torch.nn.Module) -> None:
         model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         start = time.perf_counter()
-        self.send(("step", args, strip_caches(kwargs)))
+        data = encode(("step", args, strip_caches(kwargs)))
+        for child in self.followers:
+            child.send_bytes(data)
         self.seconds += time.perf_counter() - start
-
-    def send(self, message: object) -> None:
-        data = encode(message)
-        with self.lock:
-            for child in self.followers:
-                child.send_bytes(data)
-
-
-def strip_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The kwargs without the KV-cache tensors (each rank has its own), ready to pickle."""
-    meta = kwargs.get(METADATA_KWARG)
-    if meta is None:
-        return kwargs
-    light = copy.copy(meta)
-    light.kv_caches = []
-    return {**kwargs, METADATA_KWARG: light}
-
-
-def attach_caches(kwargs: dict[str, Any], kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    meta = kwargs.get(METADATA_KWARG)
-    if meta is not None:
-        meta.kv_caches = kv_caches

@@ -1,6 +1,7 @@
 """Checks of a parallel layout against the model and the machine, before any rank starts.
 
-The tuner calls validate_parallel() to prune layouts; the engine calls it again before it spawns ranks.
+The engine calls it (validate_for_launch) before it spawns ranks; the tuner prunes layouts with its own
+rules (autotune/space/constraints.py).
 Every error names the field and the fix.
 """
 

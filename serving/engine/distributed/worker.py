@@ -3,7 +3,7 @@
 A tensor-parallel follower runs rank 0's forward on its shard, step by step as rank 0 sends them; a
 pipeline stage receives hidden states from the previous stage, runs its layers and sends the result on
 (the last stage sends sampled-row tokens, and the logits of rows that sample randomly, back to rank 0).
-Both report their busy time to rank 0 through the pipe every REPORT_INTERVAL_S.
+A stage reports its busy time to rank 0 through the pipe every REPORT_INTERVAL_S (serving_pipeline_*).
 """
 
 from __future__ import annotations
@@ -26,47 +26,41 @@ def main() -> int:
 def _serve(conn: Connection) -> int:
     import torch
 
-    from serving.config import DeploymentConfig
-    from serving.engine.distributed.build import load_rank_model, rank_context
-    from serving.engine.distributed.process import CONFIG_ENV
+    from serving.engine.distributed.pipeline import global_caches
+    from serving.engine.distributed.process import child_config
+    from serving.engine.distributed.rank_group import load_rank_model, rank_context
+    from serving.engine.model_runner import ModelRunner
 
-    config = DeploymentConfig.from_dict(_yaml(os.environ[CONFIG_ENV]))
-    ctx = rank_context(config, int(os.environ["RANK"]))
-    model, caches = load_rank_model(config, ctx)
+    config = child_config()  # its parallel.allreduce is the group's, resolved by rank 0
+    ctx = rank_context(config, int(os.environ["RANK"]), config.parallel.allreduce)
+    part = load_rank_model(config, ctx)
+    caches = ModelRunner(  # only its caches are kept: rank 0 builds every step's inputs
+        part.model,
+        attention=config.attention,
+        num_blocks=part.num_blocks,
+        block_size=config.cache.block_size,
+        device=ctx.device,
+    ).kv_caches
     conn.send(("ready", ctx.rank))
     with torch.inference_mode():
         if config.parallel.tp > 1:
-            _follow_tensor_parallel(conn, model, caches, ctx.device)
+            _follow_tensor_parallel(conn, part.model, caches, ctx.device)
         else:
-            _run_pipeline_stage(conn, model, caches, ctx.rank, config.parallel.pp, ctx.device)
+            caches = global_caches(caches, part.first_layer, part.num_layers)
+            _run_pipeline_stage(conn, part.model, caches, ctx.rank, config.parallel.pp, ctx.device)
     return 0
 
 
-def _yaml(text: str) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError("SERVING_PARALLEL_CONFIG is not a YAML mapping")
-    return data
-
-
 def _follow_tensor_parallel(conn: Connection, model: Any, caches: Any, device: Any) -> None:
-    from serving.engine.distributed.busy import BusyMeter
-    from serving.engine.distributed.step_codec import decode
-    from serving.engine.distributed.tensor_parallel import attach_caches
+    from serving.engine.distributed.step_codec import attach_caches, decode
 
-    busy, last_report = BusyMeter(), time.monotonic()
     while True:
         message = decode(conn.recv_bytes(), device)
         if message[0] == "stop":
             return
         _, args, kwargs = message
         attach_caches(kwargs, caches)
-        start = time.perf_counter()
         model(*args, **kwargs)
-        busy.add(time.perf_counter() - start)
-        last_report = _report(conn, busy, last_report)
 
 
 def _run_pipeline_stage(conn: Connection, model: Any, caches: Any, stage: int, pp: int, device: Any) -> None:
@@ -75,8 +69,7 @@ def _run_pipeline_stage(conn: Connection, model: Any, caches: Any, stage: int, p
 
     from serving.engine.distributed.busy import BusyMeter
     from serving.engine.distributed.pipeline import TAG_HIDDEN, TAG_LOGITS, TAG_TOKENS, run_stage, tag
-    from serving.engine.distributed.step_codec import decode
-    from serving.engine.distributed.tensor_parallel import attach_caches
+    from serving.engine.distributed.step_codec import attach_caches, decode
 
     last = stage == pp - 1
     busy, last_report = BusyMeter(), time.monotonic()

@@ -1,8 +1,9 @@
-"""Build one replica's engine over tp x pp ranks: rank 0 is this process, ranks 1.. are spawned workers.
+"""One replica over tp x pp ranks: rank 0 is this process, ranks 1.. are spawned workers (worker.py).
 
-Order: validate -> plan ranks (cores or GPUs) -> spawn workers (watchdog on) -> join the process group ->
-load the same seeded model on every rank -> shard it (TP) or cut it to a stage (PP) -> size the KV
-cache identically on every rank -> wait until every worker is ready.
+Order (start_rank_group): validate -> plan ranks (cores or GPUs, the all-reduce path) -> spawn workers
+(watchdog on) -> join the process group -> load the same seeded model on every rank -> shard it (TP) or
+cut it to a stage (PP) -> size the KV cache identically on every rank. Rank 0's engine (RankGroupEngine:
+TensorParallelEngine or PipelineEngine) is built on that, then waits until every worker is ready.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from serving.config import DeploymentConfig
 from serving.engine.block_manager import kv_bytes_per_token, num_blocks_for_budget
 from serving.engine.distributed.busy import BusyMeter
 from serving.engine.distributed.placement import RankSpec, pin_this_process, plan_ranks
-from serving.engine.distributed.process import CONFIG_ENV, Child, Watchdog, spawn, stop_children
+from serving.engine.distributed.process import CONFIG_ENV, CPUS_ENV, Child, Watchdog, spawn, stop_children
 from serving.engine.distributed.validate import validate_for_launch
+from serving.engine.llm_engine import LLMEngine, eos_token_ids
 
 log = logging.getLogger("serving")
 
 WORKER_MODULE = "serving.engine.distributed.worker"
-CPUS_ENV = "SERVING_PARALLEL_CPUS"
 
 
 @dataclass(frozen=True)
@@ -36,63 +37,53 @@ class RankContext:
     device: torch.device
 
 
-def rank_context(config: DeploymentConfig, rank: int) -> RankContext:
-    """Pin this rank to its cores (env set by rank 0), pick its device, join the process group."""
-    from serving.engine.distributed.tensor_parallel import dist_backend, init_tensor_parallel
+@dataclass(frozen=True)
+class RankModel:
+    """This rank's part of the model, and what the replica's KV cache needs to know about the whole."""
+
+    model: torch.nn.Module
+    num_blocks: int
+    """KV blocks of the replica (the same on every rank)."""
+    first_layer: int
+    """Global index of this rank's first decoder layer (0 under tensor parallel)."""
+    num_layers: int
+    """Decoder layers of the unsharded model."""
+
+
+def rank_context(config: DeploymentConfig, rank: int, allreduce: str) -> RankContext:
+    """Pick this rank's device and join the process group (`allreduce`: the group's resolved path)."""
+    import torch.distributed as dist
+
+    from serving.engine.distributed.tensor_parallel import DIST_TIMEOUT, dist_backend, init_tensor_parallel
     from serving.engine.model_loader import resolve_device
 
-    cpus = os.environ.get(CPUS_ENV)
-    if cpus:
-        pin_this_process([int(c) for c in cpus.split(",")])
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(0)  # CUDA_VISIBLE_DEVICES shows this rank one GPU
         device = torch.device("cuda", 0)
     world = config.parallel.tp * config.parallel.pp
     if config.parallel.tp > 1:
-        init_tensor_parallel(device)
+        init_tensor_parallel(device, allreduce)
     else:
-        import torch.distributed as dist
-
-        from serving.engine.distributed.tensor_parallel import DIST_TIMEOUT
-
         dist.init_process_group(dist_backend(device), rank=rank, world_size=world, timeout=DIST_TIMEOUT)
     return RankContext(rank, world, device)
 
 
-def load_rank_model(
-    config: DeploymentConfig, ctx: RankContext
-) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """This rank's part of the model and its KV caches (indexed by global layer)."""
+def load_rank_model(config: DeploymentConfig, ctx: RankContext) -> RankModel:
+    """The seeded model, sharded (tp > 1) or cut to this rank's stage (pp > 1); every rank runs this."""
     from serving.engine.attention import attn_implementation_name
+    from serving.engine.distributed.pipeline import decoder_of, make_stage
+    from serving.engine.distributed.tensor_parallel import shard_model
     from serving.engine.model_loader import TORCH_DTYPES, load_model
-    from serving.engine.model_runner import ModelRunner
 
     model: torch.nn.Module = load_model(config, attn_implementation_name(config.attention), ctx.device)
     num_blocks = replica_num_blocks(config, model)
-    start, num_layers = 0, 0
     if config.parallel.tp > 1:
-        from serving.engine.distributed.tensor_parallel import shard_model
-
         model = shard_model(model, config.parallel.tp, TORCH_DTYPES[config.precision.dtype])
-    else:
-        from serving.engine.distributed.pipeline import decoder_of, make_stage
-
-        num_layers = len(decoder_of(model).layers)
-        start, _ = make_stage(model, ctx.rank, config.parallel.pp)
-    runner = ModelRunner(
-        model,
-        attention=config.attention,
-        num_blocks=num_blocks,
-        block_size=config.cache.block_size,
-        device=ctx.device,
-    )
-    caches = runner.kv_caches
-    if config.parallel.pp > 1:
-        from serving.engine.distributed.pipeline import global_caches
-
-        caches = global_caches(caches, start, num_layers)
-    return model, caches
+        return RankModel(model, num_blocks, 0, 0)
+    num_layers = len(decoder_of(model).layers)
+    start, _ = make_stage(model, ctx.rank, config.parallel.pp)
+    return RankModel(model, num_blocks, start, num_layers)
 
 
 def replica_num_blocks(config: DeploymentConfig, model: torch.nn.Module) -> int:
@@ -113,14 +104,20 @@ class RankGroup:
         self.config = config
         self.specs = specs
         self.busy = [BusyMeter() for _ in specs]
-        """Per rank; rank 0's is updated in place, the others from their reports."""
+        """Per rank; rank 0's is updated in place, the others from their reports (pipeline stages)."""
         self.workers: list[Child] = []
         self.watchdog: Watchdog | None = None
         self._ready = threading.Semaphore(0)
         self._stopped = False
 
+    @property
+    def allreduce(self) -> str:
+        """parallel.allreduce as resolved for this group (`shm` or `process_group`)."""
+        return self.specs[0].allreduce
+
     def spawn(self) -> None:
-        yaml_text = self.config.to_yaml()
+        """Start ranks 1..; their config carries the resolved all-reduce path, so all ranks agree."""
+        yaml_text = self.config.replace(**{"parallel.allreduce": self.allreduce}).to_yaml()
         for spec in self.specs[1:]:
             env = {**spec.env(), CONFIG_ENV: yaml_text, CPUS_ENV: ",".join(map(str, spec.cpus))}
             self.workers.append(spawn(f"rank {spec.rank}", WORKER_MODULE, env))
@@ -147,6 +144,7 @@ class RankGroup:
     def wait_ready(self) -> None:
         for _ in self.workers:
             self._ready.acquire()
+        log.info("parallel: all %d ranks ready", len(self.specs))
 
     def stop(self) -> None:
         """Orderly stop of the workers (idempotent; also registered with atexit)."""
@@ -156,8 +154,8 @@ class RankGroup:
         stop_children(self.workers, self.watchdog)
 
 
-def build_parallel_engine(config: DeploymentConfig) -> Any:
-    """An LLMEngine for config (tp > 1 or pp > 1): TensorParallelEngine or PipelineEngine, workers ready."""
+def start_rank_group(config: DeploymentConfig) -> tuple[RankGroup, RankModel, Any]:
+    """Spawn the workers and load rank 0's part: (group, rank 0's model, tokenizer); workers still loading."""
     from serving.engine.model_loader import load_tokenizer, resolve_device
 
     validate_for_launch(config)
@@ -175,31 +173,24 @@ def build_parallel_engine(config: DeploymentConfig) -> Any:
         world,
         [list(s.cpus) for s in specs],
     )
-    ctx = rank_context(config, 0)
+    ctx = rank_context(config, 0, group.allreduce)
     tokenizer = load_tokenizer(config.model)
-    model, num_blocks = _load_rank0(config, ctx)
-    if config.parallel.tp > 1:
-        from serving.engine.distributed.tp_engine import TensorParallelEngine
-
-        engine: Any = TensorParallelEngine(config, model, tokenizer, group, num_blocks)
-    else:
-        from serving.engine.distributed.pipeline_engine import PipelineEngine
-
-        engine = PipelineEngine(config, model, tokenizer, group, num_blocks)
-    group.wait_ready()
-    log.info("parallel: all %d ranks ready", world)
-    return engine
+    return group, load_rank_model(config, ctx), tokenizer
 
 
-def _load_rank0(config: DeploymentConfig, ctx: RankContext) -> tuple[torch.nn.Module, int]:
-    """Rank 0's model (sharded or cut to stage 0) before its engine sizes the KV cache."""
-    from serving.engine.attention import attn_implementation_name
-    from serving.engine.model_loader import TORCH_DTYPES, load_model
+class RankGroupEngine(LLMEngine):
+    """Rank 0's LLMEngine of a multi-process replica: it owns the RankGroup, stops it on close. The
+    tensor- and pipeline-parallel engines differ only in how a step reaches the other ranks."""
 
-    model: torch.nn.Module = load_model(config, attn_implementation_name(config.attention), ctx.device)
-    num_blocks = replica_num_blocks(config, model)
-    if config.parallel.tp > 1:
-        from serving.engine.distributed.tensor_parallel import shard_model
+    def __init__(self, config: DeploymentConfig, part: RankModel, tokenizer: Any, group: RankGroup) -> None:
+        super().__init__(
+            config,
+            part.model,
+            eos_token_ids=eos_token_ids(part.model, tokenizer),
+            num_blocks=part.num_blocks,
+        )
+        self.tokenizer = tokenizer
+        self.group = group
 
-        model = shard_model(model, config.parallel.tp, TORCH_DTYPES[config.precision.dtype])
-    return model, num_blocks
+    def close(self) -> None:
+        self.group.stop()

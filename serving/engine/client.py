@@ -1,4 +1,8 @@
-"""What the HTTP layer needs from an engine: the AsyncEngine contract, as a Protocol mypy checks."""
+"""What the HTTP layer needs from an engine: the AsyncEngine contract, as a Protocol mypy checks.
+
+It lives in the engine, not the server: the engine factory returns it (AsyncEngine, DataParallelEngine)
+and the server consumes it, so neither package has to import the other's internals.
+"""
 
 from __future__ import annotations
 
