@@ -1,6 +1,2 @@
-"""The builtin engine's OpenAI-compatible HTTP server (FastAPI + uvicorn)."""
-
-from serving.server.app import build_app
-from serving.server.serve import serve
-
-__all__ = ["build_app", "serve"]
+"""The builtin engine's OpenAI-compatible HTTP server (FastAPI + uvicorn): app.py builds the app, serve.py
+runs one deployment. Nothing is re-exported here, so importing a submodule never imports the others."""
