@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import shlex
 import types
 import typing
 from collections.abc import Mapping
@@ -188,6 +189,16 @@ class DeploymentConfig:
     (where an engine is installed is a fact of the machine), else the project's .venv-vllm / .venv-sglang."""
 
     def __post_init__(self) -> None:
+        try:
+            shlex.split(self.engine_args)
+        except ValueError as err:
+            raise ConfigError(
+                f"engine_args={self.engine_args!r} cannot be shell-split ({err}): balance its quotes"
+            ) from None
+        if self.engine_python is not None and not self.engine_python.strip():
+            raise ConfigError(
+                f"engine_python={self.engine_python!r} names no interpreter: give a path, or null"
+            )
         if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs:
             raise ConfigError(
                 "scheduler.max_num_batched_tokens must be >= scheduler.max_num_seqs, got "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,20 @@ def test_the_old_extra_args_variable_is_refused_naming_the_field(monkeypatch: py
     monkeypatch.setenv("SERVING_VLLM_EXTRA_ARGS", "--enforce-eager")
     with pytest.raises(ConfigError, match="engine_args='--enforce-eager'"):
         VLLMBackend().command(vllm_config(), 8000)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"engine_args": '--name "x'}, "engine_args='--name \"x' cannot be shell-split"),
+        ({"engine_python": " "}, "engine_python=' ' names no interpreter"),
+    ],
+)
+def test_external_engine_fields_are_checked_when_the_config_is_built(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        vllm_config(**overrides)
 
 
 def test_extra_args_may_not_override_a_mapped_knob() -> None:
