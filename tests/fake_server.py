@@ -40,6 +40,9 @@ class Script:
     plan: tuple[str, ...] = ("ok",)
     tokenize_extra: int | None = None
     """Serve /tokenize counting whitespace words plus this many (None: no /tokenize, as many servers)."""
+    slots: int | None = None
+    """Requests served at once; the rest wait in arrival order (None: no limit). With output n tokens the
+    server carries slots / (ttft + (n - 1) * itl) req/s: beyond it the queue, and TTFT, grow without bound."""
 
 
 class FakeServer:
@@ -47,6 +50,7 @@ class FakeServer:
         self.script = script
         self.log = log
         self._plan: Iterator[str] = itertools.cycle(script.plan)
+        self._slots = asyncio.Semaphore(script.slots) if script.slots else None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -76,7 +80,11 @@ class FakeServer:
             await self._json(writer, 200, {"count": count, "max_model_len": 4096})
             return True
         if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
-            return await self._stream(writer, json.loads(body), path.endswith("chat/completions"), arrived)
+            chat = path.endswith("chat/completions")
+            if self._slots is None:
+                return await self._stream(writer, json.loads(body), chat, arrived)
+            async with self._slots:  # the token schedule starts when a slot frees: queueing shows in TTFT
+                return await self._stream(writer, json.loads(body), chat, time.perf_counter())
         await self._json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
         return True
 
@@ -158,6 +166,7 @@ def fake_server(
     *,
     log: Path | None = None,
     tokenize_extra: int | None = None,
+    slots: int | None = None,
     cpus: str | None = None,
 ) -> Iterator[str]:
     """Run the server in its own process group; yields its URL and ends the group on exit."""
@@ -173,6 +182,7 @@ def fake_server(
     ]
     command += ["--log", str(log)] if log is not None else []
     command += ["--tokenize-extra", str(tokenize_extra)] if tokenize_extra is not None else []
+    command += ["--slots", str(slots)] if slots is not None else []
     command = ["taskset", "-c", cpus, *command] if cpus else command
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--itl-ms", type=float, default=0.0)
     parser.add_argument("--tokenize-extra", type=int, default=None, help="serve /tokenize: words + this")
+    parser.add_argument("--slots", type=int, default=None, help="requests served at once (FIFO queue)")
     parser.add_argument("--log", help="write one JSON line per request: t_arrived, t_sent per chunk")
     parser.add_argument("--plan", default="ok", help=f"comma-separated, cycled: {', '.join(BEHAVIOURS)}")
     args = parser.parse_args(argv)
@@ -210,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(plan) - set(BEHAVIOURS))
     if unknown:
         parser.error(f"--plan has unknown behaviour(s) {unknown}; choose from {list(BEHAVIOURS)}")
-    script = Script(args.ttft_ms / 1000.0, args.itl_ms / 1000.0, plan, args.tokenize_extra)
+    script = Script(args.ttft_ms / 1000.0, args.itl_ms / 1000.0, plan, args.tokenize_extra, args.slots)
     log = open(args.log, "a") if args.log else None  # noqa: SIM115 (open for the process lifetime)
     try:
         import uvloop

@@ -208,6 +208,8 @@ class RunSettings:
     """Arrival process: autotune.traffic.config.ArrivalConfig (conf/arrival/)."""
     slo: Any = None
     """Per-request SLOs for goodput: autotune.traffic.config.SLOConfig (conf/slo/)."""
+    capacity: Any = field(default_factory=dict)
+    """The load search per trial: autotune.traffic.config.CapacityConfig (conf/capacity/)."""
     client: Any = field(default_factory=dict)
     """Load-generator settings: autotune.traffic.config.ClientConfig (defaults suit one local server)."""
     objectives: ObjectivesSettings = field(default_factory=ObjectivesSettings)

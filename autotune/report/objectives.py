@@ -27,17 +27,41 @@ _NAMED = {
     "max_output_tokens_per_s",
     "peak_rss_mb",
     "startup_s",
+    "slo_attainment",
+    "offered_rps",
+    "ttft_growth_s_per_s",
 }
 """Metrics every trial reports: the traffic runner's summary (vLLM bench-serve names) plus server stats."""
+_CAPACITY = {
+    "probe_rps",
+    "devices",
+    "capacity_steps",
+    "capacity_rps",
+    "capacity_rps_per_device",
+    "capacity_rps_bracket_low",
+    "capacity_rps_bracket_high",
+    "capacity_output_throughput_per_device",
+    "capacity_tokens_per_s_per_user",
+}
+"""The capacity search's figures (autotune.traffic.capacity); `capacity_<metric>` is a metric at capacity."""
+
+
+def is_metric_name(metric: str) -> bool:
+    """A figure some trial reports: a summary key, at capacity (`capacity_` prefix), or an interval end."""
+    if metric in _CAPACITY:
+        return True
+    base = metric.removesuffix("_ci95_low").removesuffix("_ci95_high").removeprefix("capacity_")
+    return base in _NAMED or bool(_LATENCY.match(base))
 
 
 def check_metric_name(metric: str, where: str) -> None:
     """Reject a typo before any server starts."""
-    if metric in _NAMED or _LATENCY.match(metric):
+    if is_metric_name(metric):
         return
     raise ValueError(
-        f"{where}: {metric!r} is not a benchmark metric; use one of {sorted(_NAMED)} or "
-        "{mean,median,std,p50,p90,p95,p99}_{ttft,tpot,itl,e2el}_ms"
+        f"{where}: {metric!r} is not a benchmark metric; use one of {sorted(_NAMED | _CAPACITY)}, "
+        "{mean,median,std,p50,p90,p95,p99}_{ttft,tpot,itl,e2el}_ms, a `capacity_` prefix for the figure "
+        "at capacity, or a `_ci95_low` / `_ci95_high` suffix for its interval"
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config.settings import RunSettings
-from autotune.report.objectives import Objectives
+from autotune.report.objectives import Objectives, check_metric_name
 from autotune.space.constraints import RULES
 from autotune.space.parse import load_space
 from autotune.space.search_space import SearchSpace
@@ -84,17 +84,33 @@ def base_deployment(space: SearchSpace, overrides: dict[str, Any]) -> Deployment
 
 def build_traffic(settings: RunSettings, base: DeploymentConfig) -> Traffic:
     """The run config's traffic sections as typed configs (traffic's own builders check them)."""
-    from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
+    from autotune.traffic.config import ArrivalConfig, CapacityConfig, ClientConfig, SLOConfig, WorkloadConfig
 
     workload = WorkloadConfig.from_config(settings.workload)
     local = base.model.resolve_path()
     if workload.tokenizer is None and local is not None:  # the client tokenises as the server does
         workload = dataclasses.replace(workload, tokenizer=str(base.model.tokenizer or local))
+    arrival = ArrivalConfig.from_config(settings.arrival)
+    slo = SLOConfig.from_config(settings.slo) if settings.slo else None
+    capacity = CapacityConfig.from_config(settings.capacity or None)
+    if capacity.enabled:
+        if slo is None or not slo.as_dict():
+            raise ConfigError(
+                "capacity.enabled=true needs an SLO to search under: set slo.ttft_ms, slo.tpot_ms or "
+                "slo.e2el_ms (conf/slo/), or capacity.enabled=false for the fixed load only"
+            )
+        if arrival.closed or arrival.sweep is not None:
+            raise ConfigError(
+                f"capacity.enabled=true searches open-loop rates, but arrival.kind={arrival.kind!r} and "
+                f"arrival.sweep={arrival.sweep}: use an open-loop arrival without a sweep (arrival=poisson), "
+                "or capacity.enabled=false"
+            )
     return Traffic(
         workload=workload,
-        arrival=ArrivalConfig.from_config(settings.arrival),
-        slo=SLOConfig.from_config(settings.slo) if settings.slo else None,
+        arrival=arrival,
+        slo=slo,
         client=ClientConfig.from_config(settings.client or None),
+        capacity=capacity if capacity.enabled else None,
     )
 
 
@@ -102,6 +118,8 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
     space = load_space(settings.search.space)
     base = base_deployment(space, settings.deployment)
     objectives = Objectives(settings.objectives)
+    if settings.export.policy == "max_throughput_within_slo":
+        check_metric_name(settings.export.throughput_metric, "export.throughput_metric")
     study = settings.study
     run_dir = (Path(study.runs_dir) / study.name).resolve()
     report_dir = (Path(study.reports_dir) / study.name).resolve()

@@ -44,7 +44,17 @@ def _check_traffic(study: optuna.Study, ctx: StudyContext) -> None:
     """Results are comparable only under one traffic: a run (or worker) with other traffic is refused."""
     s = ctx.settings
     now = json.loads(
-        json.dumps(flatten({"workload": s.workload, "arrival": s.arrival, "slo": s.slo or {}}), default=str)
+        json.dumps(
+            flatten(
+                {
+                    "workload": s.workload,
+                    "arrival": s.arrival,
+                    "slo": s.slo or {},
+                    "capacity": s.capacity or {},
+                }
+            ),
+            default=str,
+        )
     )
     stored = study.user_attrs.get(TRAFFIC_ATTR)
     if stored is None:

@@ -214,12 +214,24 @@ class SLOConfig:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2el_ms: float | None = None
+    attainment: float = 0.9
+    """Share of requests that must meet every SLO set (a failed request misses) for a rate to be carried."""
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"slo.{name} must be >= 0 ms or null, got {value}")
+        if not 0 < self.attainment <= 1:
+            raise ConfigError(f"slo.attainment must be in (0, 1], got {self.attainment}: e.g. 0.9")
+
+    def miss_bound_s(self, output_len: int) -> float | None:
+        """Seconds after which a request of `output_len` tokens has surely missed an SLO (None: never)."""
+        if self.e2el_ms is not None:
+            return self.e2el_ms / 1000.0
+        if self.ttft_ms is not None and self.tpot_ms is not None:
+            return (self.ttft_ms + self.tpot_ms * max(output_len - 1, 0)) / 1000.0
+        return None
 
     def as_dict(self) -> dict[str, float]:
         """vLLM's goodput dict: {"ttft": ms, ...} with only the objectives that are set."""
@@ -262,4 +274,53 @@ class ClientConfig:
     def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> ClientConfig:
         data = _plain(source)
         _check_keys(cls, "client", data)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """The load search: the highest open-loop rate whose SLO attainment stays >= slo.attainment.
+
+    A closed probe bounds the rate; open-loop steps at the nominal rate, then geometric, then bisection
+    (on the log scale) bracket it; each step sends `step_s` seconds of arrivals and ends early once the
+    misses already certain make the target unreachable."""
+
+    enabled: bool = True
+    """false: measure only the fixed load of the arrival section (the objectives of before)."""
+    probe_concurrency: int | None = None
+    """Requests in flight in the probe; null: the batch limit (max_num_seqs x dp), or 32 for a URL."""
+    probe_timeout_s: float = 20.0
+    """The probe's wall-time bound (requests still running then are cancelled)."""
+    step_s: float = 10.0
+    """Seconds of arrivals per load step: long enough for a backlog to show."""
+    min_requests: int = 30
+    """At least this many requests per step, so the attainment estimate means something."""
+    max_requests: int = 400
+    max_steps: int = 6
+    """Open-loop steps per search, the nominal-rate step included."""
+    tolerance: float = 0.15
+    """Stop when the lowest failing rate is within this fraction above the highest carried one."""
+    sustain_s: float = 60.0
+    """A carried rate's TTFT trend, projected this many seconds on, must stay within the TTFT SLO."""
+
+    def __post_init__(self) -> None:
+        for name in ("probe_timeout_s", "step_s", "tolerance", "sustain_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"capacity.{name} must be > 0, got {getattr(self, name)}")
+        if self.probe_concurrency is not None and self.probe_concurrency < 1:
+            raise ConfigError(
+                f"capacity.probe_concurrency must be >= 1 or null, got {self.probe_concurrency}"
+            )
+        if not 1 <= self.min_requests <= self.max_requests:
+            raise ConfigError(
+                f"capacity.min_requests={self.min_requests} and max_requests={self.max_requests}: "
+                "use 1 <= min_requests <= max_requests"
+            )
+        if self.max_steps < 2:
+            raise ConfigError(f"capacity.max_steps must be >= 2 (nominal + one more), got {self.max_steps}")
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> CapacityConfig:
+        data = _plain(source)
+        _check_keys(cls, "capacity", data)
         return cls(**data)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 FAILURE_KINDS = (
@@ -15,6 +17,7 @@ FAILURE_KINDS = (
     "server_error_event",  # an SSE message carrying {"error": ...}
     "no_tokens",  # the stream ended without any choices message (no TTFT)
     "client_error",  # anything else raised while sending (reported, never re-raised)
+    "abandoned",  # a capacity step stopped early (the SLO target out of reach) while it was in flight
 )
 
 
@@ -53,3 +56,11 @@ class RequestRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RequestRecord:
         return cls(**data)
+
+
+def write_records(records: list[RequestRecord], path: Path) -> None:
+    """records.jsonl: one timed request a line, failed ones included."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record.as_json()) + "\n")

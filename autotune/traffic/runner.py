@@ -22,7 +22,7 @@ from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, Work
 from autotune.traffic.display import make_progress, summary_table
 from autotune.traffic.metrics import failures_by_reason, summarize
 from autotune.traffic.processes import run_processes
-from autotune.traffic.records import RequestRecord
+from autotune.traffic.records import RequestRecord, write_records
 from autotune.traffic.schedule import ClientPlan, http_client_for, run_in_loop, run_plan
 from autotune.traffic.workload import PreparedRequest, make_builder
 
@@ -215,10 +215,7 @@ def run_sweep(
 
 def write_outputs(result: BenchmarkResult, out_dir: Path) -> None:
     """records.jsonl (one timed request a line) and summary.json (vLLM keys, failures, config, alignment)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "records.jsonl").open("w") as handle:
-        for record in result.records:
-            handle.write(json.dumps(record.as_json()) + "\n")
+    write_records(result.records, out_dir / "records.jsonl")
     payload: dict[str, Any] = dict(result.summary)
     payload["failures_by_reason"] = result.failures_by_reason
     payload["alignment"] = None if result.alignment is None else dataclasses.asdict(result.alignment)

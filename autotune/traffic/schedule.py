@@ -16,6 +16,7 @@ from autotune.traffic.records import RequestRecord
 from autotune.traffic.workload import PreparedRequest
 
 Tick = Callable[[], None]
+Watch = Callable[[RequestRecord], None]
 _MAX_OPEN_POOL = 4096
 
 
@@ -31,6 +32,9 @@ class ClientPlan:
     concurrency: int | None
     duration_s: float | None
     process: int = 0
+    watch: Watch | None = None
+    """Called with each record as its request is sent; the record fills in as the answer streams in
+    (a load step's overload monitor reads the requests in flight through it)."""
 
 
 async def _send_one(
@@ -46,6 +50,8 @@ async def _send_one(
     record = new_record(req)
     record.process, record.scheduled = plan.process, scheduled
     record.dispatch_lag = max(0.0, arrived - (origin + scheduled))
+    if plan.watch is not None:
+        plan.watch(record)
     if gate is None:
         await send_request(
             http, plan.base_url, plan.model, plan.workload, req, record, plan.client.timeout_s, origin
@@ -86,12 +92,18 @@ async def run_plan(
     else:
         gate = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
         tasks = []
-        for req, offset in plan.items:
-            assert offset is not None  # open-loop plans always carry offsets
-            while (delay := origin + offset - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)  # loop: timers may fire early (uvloop has 1 ms resolution)
-            tasks.append(asyncio.create_task(_send_one(plan, http, req, offset, origin, gate, tick)))
-        records = list(await asyncio.gather(*tasks))
+        try:
+            for req, offset in plan.items:
+                assert offset is not None  # open-loop plans always carry offsets
+                while (delay := origin + offset - time.perf_counter()) > 0:
+                    await asyncio.sleep(delay)  # loop: timers may fire early (uvloop has 1 ms resolution)
+                tasks.append(asyncio.create_task(_send_one(plan, http, req, offset, origin, gate, tick)))
+            records = list(await asyncio.gather(*tasks))
+        except asyncio.CancelledError:  # a load step stopped early: no request may outlive it
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
     return records, origin, time.perf_counter()
 
 

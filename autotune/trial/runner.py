@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from autotune.config.settings import TrialSettings
-from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
+from autotune.traffic.capacity import find_capacity
+from autotune.traffic.config import ArrivalConfig, CapacityConfig, ClientConfig, SLOConfig, WorkloadConfig
+from autotune.traffic.metrics import failures_by_reason
 from autotune.traffic.runner import run_benchmark_async
 from serving.config import DeploymentConfig
 
@@ -40,6 +42,8 @@ class Traffic:
     arrival: ArrivalConfig
     slo: SLOConfig | None = None
     client: ClientConfig = field(default_factory=ClientConfig)
+    capacity: CapacityConfig | None = None
+    """The load search each trial runs (None: only the fixed load of `arrival`)."""
 
 
 @dataclass
@@ -101,8 +105,17 @@ def run_trial(
         server.wait_healthy(settings.startup_timeout_s, cancel=cancel)
         metrics["startup_s"] = time.monotonic() - started
         phase("benchmarking")
-        summary, failures = _benchmark(server.url, config.model.name, traffic, settings, trial_dir, cancel)
-        records_path = trial_dir / "records.jsonl"
+        if traffic.capacity is None:
+            summary, failures = _benchmark(
+                server.url, config.model.name, traffic, settings, trial_dir, cancel
+            )
+            records_path = trial_dir / "records.jsonl"
+        else:
+            devices = _device_count(cpus, env)
+            summary, failures = _capacity(
+                server.url, config, traffic, settings, trial_dir, cancel, phase, devices
+            )
+            records_path = trial_dir / "steps"
         metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
         reason = _judge(summary, failures, server.returncode, settings)
     except TimeoutError:
@@ -149,25 +162,10 @@ def _last_log_line(path: Path) -> str:
     return ""
 
 
-def _benchmark(
-    url: str,
-    model: str,
-    traffic: Traffic,
-    settings: TrialSettings,
-    out_dir: Path,
-    cancel: threading.Event | None = None,
-) -> tuple[dict[str, Any], dict[str, int]]:
+def _watched(coroutine: Any, settings: TrialSettings, cancel: threading.Event | None) -> Any:
+    """Run the benchmark coroutine within trial.benchmark_timeout_s, stopping soon after `cancel` is set."""
+
     async def timed() -> Any:
-        coroutine = run_benchmark_async(
-            url,
-            model,
-            traffic.workload,
-            traffic.arrival,
-            slo=traffic.slo,
-            client=traffic.client,
-            out_dir=out_dir,
-            progress=False,
-        )
         task = asyncio.ensure_future(asyncio.wait_for(coroutine, timeout=settings.benchmark_timeout_s))
         while not task.done():
             await asyncio.wait({task}, timeout=CANCEL_POLL_S)
@@ -178,8 +176,72 @@ def _benchmark(
                 raise RuntimeError("benchmark cancelled")
         return task.result()
 
-    result = asyncio.run(timed())
+    return asyncio.run(timed())
+
+
+def _benchmark(
+    url: str,
+    model: str,
+    traffic: Traffic,
+    settings: TrialSettings,
+    out_dir: Path,
+    cancel: threading.Event | None = None,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    coroutine = run_benchmark_async(
+        url,
+        model,
+        traffic.workload,
+        traffic.arrival,
+        slo=traffic.slo,
+        client=traffic.client,
+        out_dir=out_dir,
+        progress=False,
+    )
+    result = _watched(coroutine, settings, cancel)
     return dict(result.summary), dict(result.failures_by_reason)
+
+
+def _capacity(
+    url: str,
+    config: DeploymentConfig,
+    traffic: Traffic,
+    settings: TrialSettings,
+    out_dir: Path,
+    cancel: threading.Event | None,
+    phase: Callable[[str], None],
+    devices: int,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The capacity search; failures counted over every step except requests cut as certain SLO misses."""
+    assert traffic.capacity is not None and traffic.slo is not None  # build_traffic checks both
+    coroutine = find_capacity(
+        url,
+        config.model.name,
+        traffic.workload,
+        traffic.arrival,
+        traffic.slo,
+        client=traffic.client,
+        settings=traffic.capacity,
+        probe_concurrency=config.scheduler.max_num_seqs * config.parallel.dp,
+        out_dir=out_dir,
+        on_step=lambda step: phase(f"load {step.label}: attainment {step.attainment:.0%}"),
+    )
+    result = _watched(coroutine, settings, cancel)
+    records = [r for step in result.steps for r in step.records]
+    failures = failures_by_reason([r for r in records if r.error_kind not in SLO_MISS_KINDS])
+    summary: dict[str, Any] = result.metrics(devices)
+    summary["completed"] = sum(r.success for r in records)
+    summary["failed"] = sum(failures.values())
+    return summary, failures
+
+
+SLO_MISS_KINDS = ("timeout", "abandoned")
+"""Failures the capacity search causes on purpose (requests past their SLO bound): misses, not faults."""
+
+
+def _device_count(cpus: Sequence[int] | None, env: dict[str, str]) -> int:
+    """The devices the deployment holds: its GPUs, else its CPU cores."""
+    gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return len(gpus) or len(cpus or ()) or len(os.sched_getaffinity(0))
 
 
 def _judge(

@@ -10,7 +10,7 @@ from autotune.config.compose import UsageError, build_settings, compose_config, 
 from autotune.config.paths import CONF_DIR
 from autotune.study.context import build_context
 
-GROUPS = ("model", "backend", "search", "objectives", "study", "tracking")
+GROUPS = ("model", "backend", "search", "objectives", "capacity", "study", "tracking")
 
 
 @pytest.mark.parametrize("conf", ["chat", "summarise"])
@@ -18,7 +18,8 @@ def test_primary_configs_compose_into_a_context(conf: str) -> None:
     settings = build_settings(compose_config(conf))
     assert settings.study.name == conf
     ctx = build_context(settings)
-    assert ctx.objectives.names == ["output_throughput", "p99_ttft_ms", "p99_tpot_ms"]
+    assert ctx.objectives.names == ["capacity_rps_per_device", "p99_ttft_ms", "peak_rss_mb"]
+    assert ctx.traffic.capacity is not None and ctx.traffic.slo is not None
     assert ctx.storage_url.endswith(f"runs/{conf}/study.db")
     # the traffic sections were built with the traffic configs' own validation
     assert ctx.traffic.workload is not None
@@ -53,7 +54,10 @@ def test_the_vllm_backend_brings_its_own_space_unless_one_is_named() -> None:
 
 def test_overrides_reach_the_settings() -> None:
     settings = build_settings(
-        compose_config("chat", ["study.n_trials=3", "slo.ttft_ms=500", "model=llama-tiny"])
+        compose_config(
+            "chat",
+            ["study.n_trials=3", "slo.ttft_ms=500", "model=llama-tiny", "objectives=throughput_latency"],
+        )
     )
     assert settings.study.n_trials == 3
     assert settings.objectives.constraints["p99_ttft_ms"] == 500  # interpolated from the slo group
@@ -97,4 +101,4 @@ def test_parse_args() -> None:
 def test_cfg_prints_the_resolved_config_without_running(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert run_command.main(["conf=chat", "study.n_trials=5", "--cfg"]) == 0
     out = capsys.readouterr().out
-    assert "n_trials: 5" in out and "p99_ttft_ms: 2000" in out and "${" not in out
+    assert "n_trials: 5" in out and "slo_attainment: 0.9" in out and "${" not in out

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from autotune.report import results as R
 from autotune.study.workers import FINISHED
 from serving.launch import free_port, stop_group
-from tests.autotune.test_run_e2e import wait_healthy
+from tests.autotune.test_run_e2e import FIXED_LOAD, wait_healthy
 
 pytestmark = pytest.mark.postgres
 
@@ -40,6 +40,7 @@ TINY = [
     "arrival.num_requests=6",
     "arrival.rate=30",
     "arrival.warmup_requests=1",
+    *FIXED_LOAD,
     "study.live=off",
     "tracking=none",
 ]

@@ -22,6 +22,13 @@ from autotune.trial.runner import Traffic, run_trial
 from serving.config import DeploymentConfig
 from serving.launch import free_port
 
+FIXED_LOAD = [
+    "capacity.enabled=false",
+    "objectives=throughput_latency",
+    "export.throughput_metric=output_throughput",
+]
+"""The fixed-load objectives of before: these tests prove resume, tracking and export, not the load search."""
+
 TINY = [
     "model=llama-tiny",
     "workload.prefix_len=8",
@@ -30,6 +37,7 @@ TINY = [
     "arrival.num_requests=6",
     "arrival.rate=30",
     "arrival.warmup_requests=1",
+    *FIXED_LOAD,
     "study.name=e2e",
     "study.live=off",
 ]

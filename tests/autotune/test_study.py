@@ -25,6 +25,7 @@ from autotune.study.context import StudyContext, base_deployment, build_context
 from autotune.study.loop import StudyLoop, config_key
 from autotune.study.storage import open_study
 from serving.config import DeploymentConfig
+from tests.autotune.test_run_e2e import FIXED_LOAD
 
 ONE_CONFIG: dict[str, Any] = {
     "base": {"cache.kv_cache_memory_gb": 0.05},
@@ -42,6 +43,7 @@ def context(tmp_path: Path, space: dict, *overrides: str) -> StudyContext:
                 "tracking=none",
                 "study.name=unit",
                 "model=llama-tiny",
+                *FIXED_LOAD,
                 *overrides,
             ],
         )
@@ -145,7 +147,7 @@ def rec(number: int, tput: float, ttft: float, tpot: float, **deployment: object
 
 def objectives_default() -> Objectives:
     return Objectives(
-        build_settings(compose_config("chat", ["slo.ttft_ms=500", "slo.tpot_ms=50"])).objectives
+        build_settings(compose_config("chat", ["slo.ttft_ms=500", "slo.tpot_ms=50", *FIXED_LOAD])).objectives
     )
 
 
