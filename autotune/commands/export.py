@@ -11,6 +11,7 @@ import optuna
 from autotune.commands.session import start
 from autotune.report.export import NoSelection, select, write_best
 from autotune.report.results import load_records
+from autotune.study.remeasure import remeasure_cached
 
 USAGE = """usage: autotune export [conf=NAME] [key=value ...]
 
@@ -20,6 +21,7 @@ best.yaml: the DeploymentConfig under `deployment:`, why it was chosen, its metr
   export.policy=max_throughput_within_slo   highest export.throughput_metric meeting every constraint
   export.policy=knee                        front point nearest the ideal (objectives scaled to [0, 1])
   export.output=PATH                        default: reports/<study>/best.yaml
+  export.remeasure=N                        fresh launches of the selection before writing (default 3; 0: off)
 
 Then: serving launch best.yaml"""
 
@@ -48,9 +50,12 @@ def main(argv: Sequence[str]) -> int:
         return 1
     output = ctx.settings.export.output
     path = Path(output).resolve() if output else ctx.report_dir / "best.yaml"
-    write_best(path, selection, ctx.objectives, ctx.name)
+    remeasured = remeasure_cached(ctx, selection)
+    write_best(path, selection, ctx.objectives, ctx.name, remeasured=remeasured)
     record = selection.record
     print(f"trial #{record.number} ({record.label or 'base config'}): {selection.explanation}")
+    if remeasured is not None:
+        print(remeasured["summary"])
     for name in ctx.objectives.names:
         print(f"  {name} = {record.metrics.get(name, float('nan')):.4g}")
     print(f"wrote {path}\nstart it: serving launch {path}")

@@ -55,7 +55,7 @@ def run_session(session: Session) -> int:
         interrupted = True
         records = load_records(study)
         print("\nautotune: interrupted; run the same command again to resume", file=sys.stderr)
-    files = finish(session, study, records, tracker)
+    files = finish(session, study, records, tracker, remeasure=not interrupted)
     print_summary(session, files, tracker)
     return 130 if interrupted else 0
 
@@ -65,6 +65,8 @@ def print_summary(session: Session, files: ReportFiles, tracker: Tracker | None)
     print(f"\nstudy {ctx.name}: Pareto front = trials {files.front or 'none yet'}")
     if files.selection and files.best:
         print(f"selected trial #{files.selection.record.number}: {files.selection.explanation}")
+        if files.remeasured is not None:
+            print(files.remeasured["summary"])
         print(f"best config: {files.best}  (start it: serving launch {files.best})")
     elif files.selection_error:
         print(f"no config exported: {files.selection_error}")

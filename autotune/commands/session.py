@@ -19,6 +19,7 @@ from autotune.config.compose import Invocation, UsageError, load_run, parse_args
 from autotune.report.html import ReportFiles, write_report
 from autotune.report.results import TrialRecord
 from autotune.study.context import StudyContext, build_context
+from autotune.study.remeasure import remeasure_cached
 from autotune.tracking.tracker import Tracker
 from autotune.trial.geometry import ModelGeometry
 from serving.config import ConfigError
@@ -96,9 +97,15 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
 
 
 def finish(
-    session: Session, study: optuna.Study, records: list[TrialRecord], tracker: Tracker | None
+    session: Session,
+    study: optuna.Study,
+    records: list[TrialRecord],
+    tracker: Tracker | None,
+    *,
+    remeasure: bool = True,
 ) -> ReportFiles:
-    """Report, best.yaml and the tracking parent run's files; prints where everything is."""
+    """Report, best.yaml (the selection re-measured first, unless `remeasure` is off) and the tracking
+    parent run's files."""
     ctx = session.ctx
     output = ctx.settings.export.output
     best_path = Path(output).resolve() if output else None
@@ -111,6 +118,7 @@ def finish(
         context=context_table(ctx),
         best_path=best_path,
         group_by=next((d.name for d in ctx.space.dimensions if d.kind == "categorical"), "scheduler.policy"),
+        remeasure=(lambda selection: remeasure_cached(ctx, selection)) if remeasure else None,
     )
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     config_path = ctx.run_dir / "config.yaml"

@@ -163,9 +163,14 @@ class ExportSettings:
     """The metric max_throughput_within_slo maximises."""
     output: str | None = None
     """Where best.yaml goes; null = <reports_dir>/<study>/best.yaml."""
+    remeasure: int = 3
+    """Fresh launches of the selected deployment, measured as its trial was, before best.yaml is written
+    (its median and interval go into best.yaml); 0 copies the trial's numbers unchecked."""
 
     def __post_init__(self) -> None:
         _choose("export.policy", self.policy, EXPORT_POLICIES)
+        if self.remeasure < 0:
+            raise ConfigError(f"export.remeasure={self.remeasure} is invalid: use 0 (off) or more launches")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from autotune.config.settings import ExportSettings
 from autotune.report.objectives import Objectives
 from autotune.report.pareto import candidates, front, knee
 from autotune.report.results import TrialRecord
+from autotune.report.ties import break_tie, tied_with_best
 from serving.backends import get_backend
 from serving.config import DeploymentConfig
 
@@ -32,6 +33,8 @@ class Selection:
     record: TrialRecord
     policy: str
     explanation: str
+    tied: tuple[int, ...] = ()
+    """Trials whose interval on the deciding metric overlapped the best one's (the selected included)."""
 
 
 def select(records: Sequence[TrialRecord], objectives: Objectives, settings: ExportSettings) -> Selection:
@@ -51,10 +54,18 @@ def select(records: Sequence[TrialRecord], objectives: Objectives, settings: Exp
         missing = [r.number for r in feasible if metric not in r.metrics]
         if missing:
             raise NoSelection(f"export.throughput_metric={metric!r} is missing from trials {missing}")
-        best = max(feasible, key=lambda r: (r.metrics[metric], -r.number))
+        tied = tied_with_best(feasible, metric)
+        best = break_tie(tied, objectives.names, directions, skip=metric)
         bounds = ", ".join(objectives.describe_constraints()) or "no constraints"
         why = f"highest {metric} ({best.metrics[metric]:.4g}) among {len(feasible)} trials meeting {bounds}"
-        return Selection(best, settings.policy, why)
+        if len(tied) > 1:
+            others = ", ".join(f"#{r.number} ({r.metrics[metric]:.4g})" for r in tied if r is not best)
+            nexts = [n for n in objectives.names if n != metric] or ["the trial number"]
+            why = (
+                f"tied on {metric} within its interval with {others}, among {len(feasible)} trials meeting "
+                f"{bounds}; the tie broken by {nexts[0]}"
+            )
+        return Selection(best, settings.policy, why, tuple(r.number for r in tied))
     points = front(records, directions)
     chosen = knee(points, directions)
     if chosen is None:  # pragma: no cover - feasible trials always give a non-empty front
@@ -74,7 +85,12 @@ def engine_command(config: DeploymentConfig) -> str:
     return shlex.join(argv)
 
 
-def best_yaml(selection: Selection, objectives: Objectives, study_name: str) -> dict[str, Any]:
+def best_yaml(
+    selection: Selection,
+    objectives: Objectives,
+    study_name: str,
+    remeasured: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     record = selection.record
     flat = {k: v for k, v in record.deployment.items() if k != "server.port"}
     config = DeploymentConfig().replace(**flat)
@@ -89,16 +105,25 @@ def best_yaml(selection: Selection, objectives: Objectives, study_name: str) -> 
             "objectives": dict(zip(objectives.names, objectives.directions, strict=True)),
             "constraints": objectives.describe_constraints(),
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "tied_with": [n for n in selection.tied if n != record.number],
         },
+        "remeasured": remeasured,
         "metrics": {"objectives": chosen_on, "all": dict(sorted(record.metrics.items()))},
         "command": engine_command(config),
         "launch": "serving launch best.yaml",
     }
 
 
-def write_best(path: Path, selection: Selection, objectives: Objectives, study_name: str) -> Path:
+def write_best(
+    path: Path,
+    selection: Selection,
+    objectives: Objectives,
+    study_name: str,
+    *,
+    remeasured: dict[str, Any] | None = None,
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = best_yaml(selection, objectives, study_name)
+    data = best_yaml(selection, objectives, study_name, remeasured)
     header = (
         f"# Exported by autotune from study {study_name!r}, trial {selection.record.number}.\n"
         "# Start it with: serving launch best.yaml\n"

@@ -33,6 +33,7 @@ class ReportFiles:
     best: Path | None = None
     selection: Selection | None = None
     selection_error: str | None = None
+    remeasured: dict[str, Any] | None = None
     front: list[int] = field(default_factory=list)
 
     def all(self) -> list[Path]:
@@ -101,6 +102,7 @@ def write_report(
     context: dict[str, str],
     best_path: Path | None = None,
     group_by: str = "scheduler.policy",
+    remeasure: Callable[[Selection], dict[str, Any] | None] | None = None,
 ) -> ReportFiles:
     """Everything in `directory`; `group_by` is the deployment key that colours the Pareto plots."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -118,8 +120,13 @@ def write_report(
     files.interactive = write_interactive(study, names, directory / "pareto.html")
     try:
         files.selection = select(records, objectives, export)
+        files.remeasured = remeasure(files.selection) if remeasure is not None else None
         files.best = write_best(
-            best_path or directory / "best.yaml", files.selection, objectives, study.study_name
+            best_path or directory / "best.yaml",
+            files.selection,
+            objectives,
+            study.study_name,
+            remeasured=files.remeasured,
         )
     except NoSelection as err:
         files.selection_error = str(err)
@@ -212,6 +219,12 @@ def _html(
             f"(<a href='{files.best.name}'>{files.best.name}</a>; "
             f"<code>serving launch {files.best.name}</code>).</p>"
         )
+        if files.remeasured is not None:
+            parts.append(f"<p>{html.escape(str(files.remeasured['summary']))}</p>")
+        else:
+            parts.append(
+                "<p>Not re-measured (export.remeasure=0): best.yaml carries the trial's numbers.</p>"
+            )
     else:
         parts.append(f"<p>None: {html.escape(files.selection_error or 'no trials')}</p>")
     parts.append("<h2>Parameter importances (fANOVA)</h2>")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -33,6 +35,11 @@ ROLE_TAG = "autotune.role"
 TRIAL_TAG = "autotune.trial"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3 opens an experiment of no declared kind on an empty GenAI traces page; this opens its runs."""
 
 
 def default_tracking_uri() -> str:
@@ -74,11 +81,15 @@ class MlflowTracker(Tracker):
 
         found = self.client.get_experiment_by_name(settings.experiment)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return str(found.experiment_id)
         try:
             return str(
                 self.client.create_experiment(
-                    settings.experiment, artifact_location=_artifact_root(self.uri, settings)
+                    settings.experiment,
+                    artifact_location=_artifact_root(self.uri, settings),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                 )
             )
         except MlflowException:  # another worker created it a moment ago
@@ -160,6 +171,7 @@ class MlflowTracker(Tracker):
         metrics = [Metric(k, float(v), now, 0) for k, v in sorted(record.metrics.items())]
         for name, value in record.constraints.items():
             metrics.append(Metric(f"constraint.{name}", float(value), now, 0))
+        metrics += load_curve_metrics(record, outcome, now)
         for chunk in _chunks(params, 100):
             self.client.log_batch(run_id, params=chunk)
         for chunk in _chunks(metrics, 1000):
@@ -250,6 +262,37 @@ def _trial_artifacts(record: TrialRecord, outcome: TrialOutcome | None) -> list[
     directory = Path(outcome.trial_dir) if outcome else (Path(record.trial_dir) if record.trial_dir else None)
     if directory is None or not directory.is_dir():
         return []
-    wanted = [directory / name for name in ("server.log", "records.jsonl", "summary.json")]
+    wanted = [directory / name for name in ("server.log", "records.jsonl", "summary.json", "capacity.json")]
     wanted += sorted(directory.glob("*.yaml"))
     return [path for path in wanted if path.is_file()]
+
+
+LOAD_CURVE_KEYS = (
+    "offered_rps",
+    "request_throughput",
+    "output_throughput",
+    "slo_attainment",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+)
+"""Figures of each load step, logged as `load.<key>` with the step's rank by offered rate as the MLflow
+step, so the run's charts draw the latency-versus-rate curve."""
+
+
+def load_curve_metrics(record: TrialRecord, outcome: TrialOutcome | None, now: int) -> list[Any]:
+    from mlflow.entities import Metric
+
+    directory = Path(outcome.trial_dir) if outcome else (Path(record.trial_dir) if record.trial_dir else None)
+    path = directory / "capacity.json" if directory else None
+    if path is None or not path.is_file():
+        return []
+    steps = [s for s in json.loads(path.read_text())["steps"] if s["kind"] != "probe"]
+    out = []
+    for rank, step in enumerate(sorted(steps, key=lambda s: s["rate"])):
+        for key in LOAD_CURVE_KEYS:
+            value = step["summary"].get(key)
+            if value is not None and math.isfinite(float(value)):
+                out.append(Metric(f"load.{key}", float(value), now, rank))
+    return out

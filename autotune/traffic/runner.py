@@ -18,6 +18,7 @@ from rich.console import Console
 
 from autotune.traffic.align import AlignmentReport, align_with_server
 from autotune.traffic.arrivals import arrival_times
+from autotune.traffic.confidence import attainment, intervals
 from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.display import make_progress, summary_table
 from autotune.traffic.metrics import failures_by_reason, summarize
@@ -137,6 +138,8 @@ async def run_benchmark_async(
         if bar is not None:
             bar.stop()
     summary = summarize(records, end - origin, slo)
+    summary["slo_attainment"] = attainment(records, slo)
+    summary |= intervals(records, slo, end - origin)
     config = {
         "url": base_url,
         "model": model,

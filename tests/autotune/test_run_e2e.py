@@ -3,6 +3,7 @@ without re-measuring, and the exported best.yaml starts a server that answers.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from autotune.commands import export as export_command
@@ -205,3 +207,61 @@ def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume
     measured = [t for t in trials if t.user_attrs.get(R.MEASURED) and not t.user_attrs.get(R.RETRYABLE)]
     assert len(measured) == 1 and measured[0].state.name == "COMPLETE"
     assert measured[0].user_attrs[R.CONFIG_KEY] == interrupted  # the interrupted config went first again
+
+
+CAPACITY_FIDELITY = [
+    "capacity.step_s=1.5",
+    "capacity.min_requests=6",
+    "capacity.max_steps=3",
+    "capacity.probe_concurrency=4",
+    "arrival.rate=2",
+    "slo.ttft_ms=4000",
+    "slo.tpot_ms=1000",
+]
+"""Short load steps: the search's logic end to end in seconds, not its precision."""
+
+
+@pytest.mark.slow
+def test_capacity_study_records_steps_remeasures_the_winner_and_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "seeds:\n  - {scheduler.policy: continuous}\n"
+        "dimensions:\n  scheduler.policy: {type: categorical, choices: [request, continuous]}\n"
+    )
+    tiny = [a for a in TINY if a not in FIXED_LOAD and not a.startswith(("arrival.", "study.name"))]
+    args = [
+        "conf=chat",
+        *tiny,
+        *CAPACITY_FIDELITY,
+        "study.name=cap",
+        "study.n_trials=1",
+        "export.remeasure=1",
+        f"search.space={space}",
+    ]
+    monkeypatch.chdir(tmp_path)
+    assert run_command.main(args) == 0
+    trial = tmp_path / "runs/cap/trials/0000"
+    saved = json.loads((trial / "capacity.json").read_text())
+    kinds = [s["kind"] for s in saved["steps"]]
+    assert kinds[:2] == ["probe", "nominal"] and len(kinds) >= 3
+    assert sorted(p.name for p in (trial / "steps").iterdir())[0].startswith("01_probe")
+
+    best = yaml.safe_load((tmp_path / "reports/cap/best.yaml").read_text())
+    remeasured = best["remeasured"]
+    assert remeasured["metric"] == "capacity_rps_per_device"
+    assert len(remeasured["repeats"]) + len(remeasured["failures"]) == 1
+    assert remeasured["trial_value"] == best["metrics"]["all"]["capacity_rps_per_device"]
+    assert "capacity_rps_per_device" in best["metrics"]["objectives"]
+    assert (tmp_path / "runs/cap/remeasure" / f"{best['selected_by']['trial']:04d}.json").exists()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("autotune-cap")
+    assert experiment is not None and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = trial_runs(client, experiment.experiment_id)[0]
+    curve = client.get_metric_history(run.info.run_id, "load.offered_rps")
+    assert len(curve) == len(kinds) - 1 and [m.step for m in curve] == list(range(len(curve)))
+    assert [m.value for m in curve] == sorted(m.value for m in curve)
+    assert "capacity_rps" in run.data.metrics and "p99_ttft_ms_ci95_high" in run.data.metrics
+    assert "capacity.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
