@@ -405,5 +405,6 @@ async def find_capacity(
             "failing_rps": result.failing_rps,
             "steps": [s.as_json() for s in result.steps],
         }
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "capacity.json").write_text(json.dumps(payload, indent=2) + "\n")
     return result

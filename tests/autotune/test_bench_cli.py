@@ -57,3 +57,31 @@ def test_errors_name_the_key(tmp_path: Path) -> None:
     assert no_url.returncode == 2 and "--url" in no_url.stdout
     typo = bench("--url", "http://h:1", "+arrival.rat=3", cwd=tmp_path)
     assert typo.returncode == 2 and "rat" in typo.stdout
+
+
+def test_capacity_search_against_any_server_has_the_trial_keys(tmp_path: Path) -> None:
+    """`--capacity` runs the trial's load search against a URL: steps, capacity.json and the same keys."""
+    with fake_server(20, 10, slots=2) as url:  # carries 2 / (0.02 + 5 * 0.01) = 28.6 req/s with 6 tokens
+        out = bench(
+            "--url",
+            url,
+            "--capacity",
+            "workload.output_len.mean=6",
+            "workload.prefix_len=0",
+            "workload.input_len.mean=8",
+            "arrival.rate=5",
+            "arrival.warmup_requests=0",
+            "slo.ttft_ms=300",
+            "capacity.step_s=1.5",
+            "capacity.max_steps=4",
+            "capacity.probe_concurrency=4",
+            f"out_dir={tmp_path / 'cap'}",
+            cwd=tmp_path,
+        )
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "capacity:" in out.stdout and "nominal_r5" in out.stdout
+    summary = json.loads((tmp_path / "cap" / "summary.json").read_text())
+    assert summary["capacity_rps"] >= 5 and summary["capacity_rps_per_device"] == summary["capacity_rps"]
+    assert "p99_ttft_ms_ci95_low" in summary and "capacity_output_throughput" in summary
+    steps = json.loads((tmp_path / "cap" / "capacity.json").read_text())["steps"]
+    assert steps[0]["kind"] == "probe" and steps[1]["rate"] == 5
