@@ -12,6 +12,7 @@ from autotune.commands.session import start
 from autotune.report.export import NoSelection, select, write_best
 from autotune.report.results import load_records
 from autotune.study.remeasure import remeasure_cached
+from autotune.trial.machine import machine_info
 
 USAGE = """usage: autotune export [conf=NAME] [key=value ...]
 
@@ -51,7 +52,8 @@ def main(argv: Sequence[str]) -> int:
     output = ctx.settings.export.output
     path = Path(output).resolve() if output else ctx.report_dir / "best.yaml"
     remeasured = remeasure_cached(ctx, selection)
-    write_best(path, selection, ctx.objectives, ctx.name, remeasured=remeasured)
+    measured_on = machine_info(ctx.devices, ctx.base.backend)
+    write_best(path, selection, ctx.objectives, ctx.name, remeasured=remeasured, measured_on=measured_on)
     record = selection.record
     print(f"trial #{record.number} ({record.label or 'base config'}): {selection.explanation}")
     if remeasured is not None:

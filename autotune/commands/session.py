@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from autotune.config.compose import Invocation, UsageError, load_run, parse_args
@@ -22,6 +23,7 @@ from autotune.study.context import StudyContext, build_context
 from autotune.study.remeasure import remeasure_cached
 from autotune.tracking.tracker import Tracker
 from autotune.trial.geometry import ModelGeometry
+from autotune.trial.machine import machine_info
 from serving.config import ConfigError
 
 
@@ -77,6 +79,12 @@ def start(argv: Sequence[str], usage: str) -> Session | int:
     return Session(invocation, cfg, ctx)
 
 
+def _yaml(section: object) -> str:
+    """A settings section as one line of YAML (flow style), not a Python repr."""
+    plain = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+    return yaml.safe_dump(plain, default_flow_style=True, sort_keys=False, width=10_000).strip()
+
+
 def context_table(ctx: StudyContext) -> dict[str, str]:
     s = ctx.settings
     g: ModelGeometry = ctx.geometry
@@ -89,9 +97,10 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
         ),
         "search space": str(ctx.space.path),
         "sampler": f"{s.study.sampler} (seed {s.study.seed})",
-        "workload": str(s.workload),
-        "arrival": str(s.arrival),
-        "slo": str(s.slo),
+        "workload": _yaml(s.workload),
+        "arrival": _yaml(s.arrival),
+        "slo": _yaml(s.slo),
+        "capacity": _yaml(s.capacity) if ctx.traffic.capacity else "off (fixed load only)",
         "storage": ctx.storage_url,
     }
 
@@ -119,6 +128,8 @@ def finish(
         best_path=best_path,
         group_by=next((d.name for d in ctx.space.dimensions if d.kind == "categorical"), "scheduler.policy"),
         remeasure=(lambda selection: remeasure_cached(ctx, selection)) if remeasure else None,
+        ttft_slo_ms=ctx.traffic.slo.ttft_ms if ctx.traffic.slo else None,
+        measured_on=machine_info(ctx.devices, ctx.base.backend),
     )
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     config_path = ctx.run_dir / "config.yaml"

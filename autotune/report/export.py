@@ -90,6 +90,7 @@ def best_yaml(
     objectives: Objectives,
     study_name: str,
     remeasured: dict[str, Any] | None = None,
+    measured_on: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     record = selection.record
     flat = {k: v for k, v in record.deployment.items() if k != "server.port"}
@@ -108,6 +109,7 @@ def best_yaml(
             "tied_with": [n for n in selection.tied if n != record.number],
         },
         "remeasured": remeasured,
+        "measured_on": measured_on,
         "metrics": {"objectives": chosen_on, "all": dict(sorted(record.metrics.items()))},
         "command": engine_command(config),
         "launch": "serving launch best.yaml",
@@ -121,9 +123,10 @@ def write_best(
     study_name: str,
     *,
     remeasured: dict[str, Any] | None = None,
+    measured_on: dict[str, str] | None = None,
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = best_yaml(selection, objectives, study_name, remeasured)
+    data = best_yaml(selection, objectives, study_name, remeasured, measured_on)
     header = (
         f"# Exported by autotune from study {study_name!r}, trial {selection.record.number}.\n"
         "# Start it with: serving launch best.yaml\n"

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autotune.config.settings import ExportSettings
+from autotune.report.curves import draw_capacity_front, draw_load_curves
 from autotune.report.export import NoSelection, Selection, select, write_best
 from autotune.report.objectives import Objectives
 from autotune.report.pareto import front
@@ -103,6 +104,8 @@ def write_report(
     best_path: Path | None = None,
     group_by: str = "scheduler.policy",
     remeasure: Callable[[Selection], dict[str, Any] | None] | None = None,
+    ttft_slo_ms: float | None = None,
+    measured_on: dict[str, str] | None = None,
 ) -> ReportFiles:
     """Everything in `directory`; `group_by` is the deployment key that colours the Pareto plots."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -117,6 +120,12 @@ def write_report(
     bounds.update({m: b for m, kind, b in objectives.settings.bounds() if kind == "min"})
     for info in pair_infos(records, names, directions, bounds, group_by):
         files.pngs.append(draw_pair_png(info, directory / f"pareto_{info.slug}.png"))
+    for drawn in (
+        draw_capacity_front(records, directory / "capacity_front.png"),
+        draw_load_curves(records, directory / "load_curves.png", ttft_slo_ms),
+    ):
+        if drawn is not None:
+            files.pngs.append(drawn)
     files.interactive = write_interactive(study, names, directory / "pareto.html")
     try:
         files.selection = select(records, objectives, export)
@@ -127,9 +136,11 @@ def write_report(
             objectives,
             study.study_name,
             remeasured=files.remeasured,
+            measured_on=measured_on,
         )
     except NoSelection as err:
         files.selection_error = str(err)
+    context = {**context, **{f"machine: {k}": v for k, v in (measured_on or {}).items()}}
     files.html.write_text(
         _html(study.study_name, records, objectives, front_records, files, importances(study, names), context)
     )
