@@ -30,6 +30,10 @@ DRAIN_GUESS_S = 10.0
 """Benchmark tail (last requests finishing) and teardown assumed per trial."""
 
 
+STEP_TAIL_GUESS_S = 3.0
+"""The last requests of a load step finishing after its arrivals end."""
+
+
 def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
     """Mean measured duration when the study has trials, else a guess from the arrival settings."""
     try:
@@ -40,7 +44,11 @@ def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
     if durations:
         return sum(durations) / len(durations), f"mean of {len(durations)} measured trial(s)"
     arrival = ctx.traffic.arrival
-    if arrival.closed:
+    capacity = ctx.traffic.capacity
+    if capacity is not None:  # the probe, then up to max_steps steps of step_s arrivals, each with its tail
+        send_s = capacity.probe_timeout_s / 4 + capacity.max_steps * (capacity.step_s + STEP_TAIL_GUESS_S)
+        how = f"capacity search: probe + up to {capacity.max_steps} steps of {capacity.step_s:g} s"
+    elif arrival.closed:
         send_s = 30.0
         how = "closed loop: 30 s assumed"
     else:
@@ -49,9 +57,11 @@ def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
     warm = arrival.warmup_requests
     startup = STARTUP_GUESS_S.get(ctx.base.backend, max(STARTUP_GUESS_S.values()))
     total = startup + send_s + DRAIN_GUESS_S
+    remeasure = ctx.settings.export.remeasure
+    note = f"; + {remeasure} re-measure launch(es) of the winner at the end" if remeasure else ""
     return (
         total,
-        f"guess: {startup:g} s start-up + {how} (+{warm} warm-up) + {DRAIN_GUESS_S:g} s drain",
+        f"guess: {startup:g} s start-up + {how} (+{warm} warm-up) + {DRAIN_GUESS_S:g} s drain{note}",
     )
 
 
