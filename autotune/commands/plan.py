@@ -57,11 +57,9 @@ def estimate_trial_s(ctx: StudyContext) -> tuple[float, str]:
     warm = arrival.warmup_requests
     startup = STARTUP_GUESS_S.get(ctx.base.backend, max(STARTUP_GUESS_S.values()))
     total = startup + send_s + DRAIN_GUESS_S
-    remeasure = ctx.settings.export.remeasure
-    note = f"; + {remeasure} re-measure launch(es) of the winner at the end" if remeasure else ""
     return (
         total,
-        f"guess: {startup:g} s start-up + {how} (+{warm} warm-up) + {DRAIN_GUESS_S:g} s drain{note}",
+        f"guess: {startup:g} s start-up + {how} (+{warm} warm-up) + {DRAIN_GUESS_S:g} s drain",
     )
 
 
@@ -134,10 +132,12 @@ def main(argv: Sequence[str]) -> int:
     per_trial, how = estimate_trial_s(ctx)
     fit_share = (checked - sum(pruned.values())) / checked if checked else 1.0
     slots = ctx.settings.study.parallel_trials
-    total = n_trials * per_trial / slots
+    remeasure = ctx.settings.export.remeasure
+    total = (n_trials / slots + remeasure) * per_trial
     at_once = f" / {slots} at once" if slots > 1 else ""
+    again = f" + {remeasure} re-measure launch(es)" if remeasure else ""
     console.print(
-        f"\n[bold]ETA[/] {n_trials} trials x ~{per_trial:.0f} s ({how}){at_once} = ~{total / 60:.1f} min"
+        f"\n[bold]ETA[/] ({n_trials} trials{at_once}{again}) x ~{per_trial:.0f} s ({how}) = ~{total / 60:.1f} min"
         f"; {fit_share:.0%} of the checked grid would launch"
     )
     return 0
