@@ -137,8 +137,8 @@ def main(argv: Sequence[str]) -> int:
     at_once = f" / {slots} at once" if slots > 1 else ""
     again = f" + {remeasure} re-measure launch(es)" if remeasure else ""
     console.print(
-        f"\n[bold]ETA[/] ({n_trials} trials{at_once}{again}) x ~{per_trial:.0f} s ({how}) = ~{total / 60:.1f} min"
-        f"; {fit_share:.0%} of the checked grid would launch"
+        f"\n[bold]ETA[/] ({n_trials} trials{at_once}{again}) x ~{per_trial:.0f} s ({how})"
+        f" = ~{total / 60:.1f} min; {fit_share:.0%} of the checked grid would launch"
     )
     return 0
 
