@@ -73,6 +73,8 @@ class MlflowTracker(Tracker):
         self.experiment_id = self._experiment(settings)
         self.parent_id = ""
         self.logged: dict[int, str] = {}
+        self.running: dict[int, str] = {}
+        """Runs opened at a trial's launch, finished in trial_finished."""
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -108,14 +110,19 @@ class MlflowTracker(Tracker):
         )
         return runs[0].info.run_id if runs else None
 
-    def _logged_trials(self) -> dict[int, str]:
-        """Trial runs of this study already in the store (by any worker)."""
+    def _logged_trials(self, *, opened: bool = False) -> dict[int, str]:
+        """Trial runs of this study in the store (by any worker): finished ones, or with `opened` the ones
+        opened at launch and not finished (running elsewhere, or left by an interrupted run)."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' and tags.`{ROLE_TAG}` = 'trial'",
             max_results=5000,
         )
-        return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+        return {
+            int(r.data.tags[TRIAL_TAG]): r.info.run_id
+            for r in runs
+            if TRIAL_TAG in r.data.tags and (r.data.tags.get("state") == "RUNNING") == opened
+        }
 
     def study_started(self, name: str, total: int, records: Sequence[TrialRecord]) -> None:
         from mlflow.entities import RunStatus
@@ -137,15 +144,32 @@ class MlflowTracker(Tracker):
         self.parent_id = parent
         self._log_text(parent, self.resolved_config, "config.yaml")
         self.logged = self._logged_trials()
+        self.running = self._logged_trials(opened=True)
         for record in records:  # trials of an earlier, interrupted run not logged yet
             if record.state in ("COMPLETE", "FAIL", "PRUNED") and record.number not in self.logged:
                 self.trial_finished(record, None)
 
     # --- per trial -------------------------------------------------------------------------------
 
+    def trial_started(self, number: int, params: dict[str, Any]) -> None:
+        """Open the trial's run at launch, so a running trial is visible (and its start time is true)."""
+        if not self.parent_id or number in self.logged or number in self.running:
+            return
+        tags = {
+            PARENT_TAG: self.parent_id,
+            STUDY_TAG: self.study_name,
+            ROLE_TAG: "trial",
+            TRIAL_TAG: str(number),
+            "state": "RUNNING",
+        }
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:03d}", tags=tags)
+        self.running[number] = run.info.run_id
+
     def trial_finished(self, record: TrialRecord, outcome: TrialOutcome | None) -> None:
         from mlflow.entities import Metric, Param, RunStatus, RunTag
 
+        if record.number in self.running and record.repeat_of is not None:  # settled as a repeat meanwhile
+            self.client.delete_run(self.running.pop(record.number))
         if record.repeat_of is not None or record.number in self.logged or not self.parent_id:
             return
         status = {"COMPLETE": RunStatus.FINISHED, "FAIL": RunStatus.FAILED}.get(
@@ -164,8 +188,12 @@ class MlflowTracker(Tracker):
             tags["reason"] = record.reason[:5000]
         if record.devices:
             tags["devices"] = record.devices
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.number:03d}", tags=tags)
-        run_id = run.info.run_id
+        run_id = self.running.pop(record.number, None)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{record.number:03d}", tags=tags)
+            run_id = run.info.run_id
+        else:
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         now = int(time.time() * 1000)
         params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(record.deployment.items())]
         metrics = [Metric(k, float(v), now, 0) for k, v in sorted(record.metrics.items())]

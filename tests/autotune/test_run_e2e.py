@@ -259,7 +259,10 @@ def test_capacity_study_records_steps_remeasures_the_winner_and_exports(
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("autotune-cap")
     assert experiment is not None and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    run = trial_runs(client, experiment.experiment_id)[0]
+    runs = trial_runs(client, experiment.experiment_id)
+    assert len(runs) == 1, "the run opened at launch is the one finished, not a second"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
     curve = client.get_metric_history(run.info.run_id, "load.offered_rps")
     assert len(curve) == len(kinds) - 1 and [m.step for m in curve] == list(range(len(curve)))
     assert [m.value for m in curve] == sorted(m.value for m in curve)
