@@ -219,6 +219,8 @@ class CapacitySearch:
                 carried = max(carried, rate)
             else:
                 failing = min(failing, rate)
+            if index == 0 and not step.carried and not self.settings.below_nominal:
+                break  # infeasible at the nominal rate: the cheap first fidelity ends the search
             if carried > 0 and failing / carried <= 1.0 + self.settings.tolerance:
                 break
             rate = self._next_rate(rate, carried, failing, probe_rps, first=index == 0)

@@ -302,6 +302,10 @@ class CapacityConfig:
     """Stop when the lowest failing rate is within this fraction above the highest carried one."""
     sustain_s: float = 60.0
     """A carried rate's TTFT trend, projected this many seconds on, must stay within the TTFT SLO."""
+    below_nominal: bool = False
+    """Search on below a nominal rate that is not carried. Off by default: such a deployment misses the
+    study's SLO constraint and cannot be on the front, so its exact capacity is not worth the minutes
+    (it is reported as 0, below the nominal rate)."""
 
     def __post_init__(self) -> None:
         for name in ("probe_timeout_s", "step_s", "tolerance", "sustain_s"):

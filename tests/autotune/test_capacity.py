@@ -67,6 +67,18 @@ def test_an_overloaded_step_ends_early_and_is_not_carried() -> None:
     assert not nominal.carried and nominal.stopped_early
     assert nominal.summary["duration"] < 0.5 * settings.step_s
     assert any(r.error_kind == "abandoned" for r in nominal.records)
+    assert [s.kind for s in result.steps] == ["probe", "nominal"], "infeasible at nominal: the search ends"
+    assert result.capacity_rps == 0.0 and result.failing_rps == arrival.rate
+
+
+def test_below_nominal_searches_down_from_an_overloaded_nominal_rate() -> None:
+    arrival = ArrivalConfig(kind="constant", rate=3 * KNOWN_RPS, num_requests=10)
+    settings = CapacityConfig(step_s=2.0, min_requests=20, max_steps=3, tolerance=0.5, below_nominal=True)
+    with fake_server(TTFT_MS, ITL_MS, slots=SLOTS) as url:
+        result = asyncio.run(
+            find_capacity(url, None, WORKLOAD, arrival, SLOConfig(ttft_ms=200), settings=settings)
+        )
+    assert 0 < result.capacity_rps <= KNOWN_RPS * 1.05 and len(result.steps) >= 3
 
 
 def test_failed_requests_are_misses() -> None:
