@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config.settings import RunSettings
-from autotune.report.objectives import Objectives
+from autotune.report.objectives import Objectives, check_metric_name
 from autotune.space.constraints import RULES
 from autotune.space.parse import load_space
 from autotune.space.search_space import SearchSpace
@@ -101,7 +101,8 @@ def build_traffic(settings: RunSettings, base: DeploymentConfig) -> Traffic:
 def build_context(settings: RunSettings, *, devices: Devices | None = None) -> StudyContext:
     space = load_space(settings.search.space)
     base = base_deployment(space, settings.deployment)
-    objectives = Objectives(settings.objectives)
+    objectives = Objectives(settings.objectives)  # metric names checked here, before any launch
+    check_metric_name(settings.export.throughput_metric, "export.throughput_metric")
     study = settings.study
     run_dir = (Path(study.runs_dir) / study.name).resolve()
     report_dir = (Path(study.reports_dir) / study.name).resolve()

@@ -1,8 +1,9 @@
 """One trial: launch the deployment, drive the workload, read server stats, stop everything.
 
-Whatever goes wrong (no /health in time, a crash or OOM kill, a benchmark that makes no progress, too many
-failed requests) ends as a failed TrialOutcome with the reason and the server log; it never raises, so the
-study goes on with the next configuration (as Optuna's own _run_trial records FAIL and continues).
+Whatever goes wrong (no /health in time, a crash or OOM kill, a server that hangs, a benchmark that does
+not finish, too many failed requests) ends as a failed TrialOutcome with the reason and the server log; it
+never raises, so the study goes on with the next configuration (as Optuna's own _run_trial records FAIL
+and continues).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,13 +23,13 @@ import psutil
 from autotune.config.settings import TrialSettings
 from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.runner import run_benchmark_async
+from autotune.trial.watch import Progress, WatchError, signal_hint, watched
 from serving.config import DeploymentConfig
 
 if TYPE_CHECKING:
     from serving.launch import ServerProcess
 
 MIB = 2**20
-CANCEL_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,12 @@ def run_trial(
         server.wait_healthy(settings.startup_timeout_s, cancel=cancel)
         metrics["startup_s"] = time.monotonic() - started
         phase("benchmarking")
-        summary, failures = _benchmark(server.url, config.model.name, traffic, settings, trial_dir, cancel)
+        summary, failures = _benchmark(server, config.model.name, traffic, settings, trial_dir, cancel)
         records_path = trial_dir / "records.jsonl"
         metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
-        reason = _judge(summary, failures, server.returncode, settings)
+        reason = _judge(summary, failures, server.poll(), settings)
+    except WatchError as err:  # died, hung or cancelled while the benchmark ran: the message says which
+        reason = str(err)
     except TimeoutError:
         limit = settings.benchmark_timeout_s
         reason = f"no progress: the benchmark did not finish within trial.benchmark_timeout_s={limit:g}"
@@ -122,7 +124,7 @@ def run_trial(
     if peak:
         metrics["peak_rss_mb"] = peak / MIB
     if reason is not None and code not in (None, 0) and "exited" not in reason:
-        reason += f" (server exit code {code}{_signal_hint(code)})"
+        reason += f" (server exit code {code}{signal_hint(code)})"
     ok = reason is None
     if not ok and log_path.exists():
         last = _last_log_line(log_path)
@@ -150,16 +152,19 @@ def _last_log_line(path: Path) -> str:
 
 
 def _benchmark(
-    url: str,
+    server: ServerProcess,
     model: str,
     traffic: Traffic,
     settings: TrialSettings,
     out_dir: Path,
     cancel: threading.Event | None = None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    async def timed() -> Any:
+    """Drive the workload under the watch (autotune.trial.watch): a death or a hang fails it at once."""
+    progress = Progress()
+
+    async def run() -> Any:
         coroutine = run_benchmark_async(
-            url,
+            server.url,
             model,
             traffic.workload,
             traffic.arrival,
@@ -167,18 +172,12 @@ def _benchmark(
             client=traffic.client,
             out_dir=out_dir,
             progress=False,
+            on_chunk=progress.tick,
         )
-        task = asyncio.ensure_future(asyncio.wait_for(coroutine, timeout=settings.benchmark_timeout_s))
-        while not task.done():
-            await asyncio.wait({task}, timeout=CANCEL_POLL_S)
-            if cancel is not None and cancel.is_set() and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise RuntimeError("benchmark cancelled")
-        return task.result()
+        timed = asyncio.wait_for(coroutine, timeout=settings.benchmark_timeout_s)
+        return await watched(timed, server, settings.stall_timeout_s, progress, cancel)
 
-    result = asyncio.run(timed())
+    result = asyncio.run(run())
     return dict(result.summary), dict(result.failures_by_reason)
 
 
@@ -187,7 +186,7 @@ def _judge(
 ) -> str | None:
     """None when the measurement is usable, else why not."""
     if returncode is not None:
-        return f"server exited with code {returncode}{_signal_hint(returncode)} during the benchmark"
+        return f"server exited with code {returncode}{signal_hint(returncode)} during the benchmark"
     completed, failed = int(summary.get("completed", 0)), int(summary.get("failed", 0))
     if completed == 0:
         return f"no request completed (failures: {failures or 'none recorded'})"
@@ -197,14 +196,6 @@ def _judge(
             f"trial.max_failed_fraction={settings.max_failed_fraction:g}"
         )
     return None
-
-
-def _signal_hint(code: int) -> str:
-    if code in (-signal.SIGKILL, 128 + signal.SIGKILL, 137):
-        return ": killed, likely out of memory"
-    if code < 0:
-        return f": {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_ else ""
-    return ""
 
 
 def _stop(server: ServerProcess, timeout_s: float) -> tuple[int | None, str | None]:
