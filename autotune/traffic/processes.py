@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -72,6 +73,9 @@ def run_processes(
         try:
             for proc in procs:
                 assert proc.stdout is not None and proc.stdin is not None  # both are PIPEs
+                while not select.select([proc.stdout], [], [], _STOP_POLL_S)[0]:  # start-up takes seconds
+                    if stop is not None and stop.is_set():
+                        raise ProcessesStopped("stopped while the client workers started")
                 line = proc.stdout.readline().strip()
                 if line != "READY":
                     raise RuntimeError(

@@ -23,6 +23,7 @@ import psutil
 from autotune.config.settings import TrialSettings
 from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.runner import run_benchmark_async
+from autotune.traffic.workload import preload_tokenizer
 from autotune.trial.watch import Progress, WatchError, signal_hint, watched
 from serving.config import DeploymentConfig
 
@@ -98,6 +99,7 @@ def run_trial(
     try:
         phase("starting server")
         server.start()
+        preload_tokenizer(traffic.workload, config.model.name)  # meanwhile, not in the watched benchmark
         server.wait_healthy(settings.startup_timeout_s, cancel=cancel)
         metrics["startup_s"] = time.monotonic() - started
         phase("benchmarking")

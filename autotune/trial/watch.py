@@ -85,14 +85,15 @@ async def watched(
     poll_s: float = POLL_S,
 ) -> T:
     """The awaitable's result; a WatchError (after cancelling it) when the server dies, hangs or `cancel`
-    is set. An exception of the awaitable itself propagates unchanged."""
+    is set. An exception of the awaitable propagates, unless the server has exited: then ServerDied, the
+    cause (a dropped connection is the symptom, not the reason), with the exception chained."""
     task = asyncio.ensure_future(awaitable)
     seen, silent_s, last = progress.count, 0.0, time.monotonic()
     try:
         while True:
             await asyncio.wait({task}, timeout=poll_s)
             if task.done():
-                return task.result()
+                return _outcome(task, server)
             now = time.monotonic()
             silent_s, last = silent_s + min(now - last, MAX_CREDIT_S), now
             if progress.count != seen:
@@ -106,6 +107,18 @@ async def watched(
             await _cancel(task)
 
 
+def _outcome(task: asyncio.Future[T], server: Watchable) -> T:
+    error = None if task.cancelled() else task.exception()
+    code = server.poll() if error is not None else None
+    if code is not None:
+        raise _died(code) from error
+    return task.result()
+
+
+def _died(code: int) -> ServerDied:
+    return ServerDied(f"server exited with code {code}{signal_hint(code)} during the benchmark")
+
+
 def _failure(
     server: Watchable, silent_s: float, stall_timeout_s: float, cancel: threading.Event | None
 ) -> WatchError | None:
@@ -113,7 +126,7 @@ def _failure(
         return WatchCancelled("benchmark cancelled")
     code = server.poll()
     if code is not None:
-        return ServerDied(f"server exited with code {code}{signal_hint(code)} during the benchmark")
+        return _died(code)
     if silent_s >= stall_timeout_s:
         return ServerHung(
             f"server hung: no token for {silent_s:.1f} s while the benchmark ran "
