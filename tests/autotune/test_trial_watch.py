@@ -12,8 +12,9 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -37,7 +38,9 @@ def _workload(tokens: int) -> WorkloadConfig:
     )
 
 
-def _benchmark(url: str, arrival: ArrivalConfig, progress: Progress, tokens: int = 40, processes: int = 1):
+def _benchmark(
+    url: str, arrival: ArrivalConfig, progress: Progress, tokens: int = 40, processes: int = 1
+) -> Coroutine[Any, Any, BenchmarkResult]:
     return run_benchmark_async(
         url,
         "fake",
@@ -64,12 +67,11 @@ async def _watch_with(
     progress = Progress()
     started, faulted = time.monotonic(), []
 
-    def inject() -> None:
+    def inject(fault: Callable[[], None]) -> None:
         faulted.append(time.monotonic())
-        if fault is not None:
-            fault()
+        fault()
 
-    timer = asyncio.get_running_loop().call_later(at_s, inject) if fault is not None else None
+    timer = asyncio.get_running_loop().call_later(at_s, inject, fault) if fault is not None else None
     try:
         outcome: BenchmarkResult | BaseException = await watched(
             _benchmark(url, arrival, progress, tokens, processes), proc, stall_timeout_s, progress
