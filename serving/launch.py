@@ -2,9 +2,10 @@
 
 The server runs in its own process group (start_new_session), pinned with taskset when CPUs are
 given, its stdout and stderr in a log file. wait_healthy() polls the backend's health path and turns
-an early exit into ServerStartError carrying the log's tail. stop() sends SIGTERM to the whole group,
-SIGKILL after a timeout, and checks that no process of the group is left. A sampler thread records
-the peak RSS of the process tree while it runs.
+an early exit into ServerStartError carrying the log's tail. poll() sees an exit while it runs. stop()
+sends SIGTERM to the whole group (and SIGCONT, so a stopped process can act on it), SIGKILL after a
+timeout, and checks that no process of the group is left. A sampler thread records the peak RSS of the
+process tree while it runs.
 
     with ServerProcess(config, log_path=run_dir / "server.log", cpus=[0, 1]) as server:
         server.wait_healthy(timeout_s=120)
@@ -82,6 +83,16 @@ class ServerProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    def poll(self) -> int | None:
+        """The leader's exit code once it has exited (then also in `returncode`), else None; never blocks.
+
+        A watch calls this while traffic runs, so a crash is seen when it happens rather than at stop().
+        """
+        code = self._proc.poll() if self._proc else None
+        if code is not None:
+            self.returncode = code
+        return code
 
     def start(self) -> None:
         """Start the server (not waiting for it); a free port is picked when config.server.port is 0."""
@@ -198,9 +209,13 @@ class ServerProcess:
 
 def stop_group(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
     """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL after
-    timeout_s; its exit code. Raises RuntimeError if a process of the group survives even SIGKILL."""
+    timeout_s; its exit code. Raises RuntimeError if a process of the group survives even SIGKILL.
+
+    SIGCONT follows SIGTERM: a stopped (SIGSTOP'd) process only acts on SIGTERM once continued, and would
+    otherwise wait out the whole timeout."""
     if proc.poll() is None or _group_alive(proc.pid):
         _signal_group(proc.pid, signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGCONT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout_s)
         if not _wait_group_gone(proc.pid, deadline=time.monotonic() + max(0.5, timeout_s / 4)):

@@ -170,6 +170,24 @@ def fake_server(
     cpus: str | None = None,
 ) -> Iterator[str]:
     """Run the server in its own process group; yields its URL and ends the group on exit."""
+    with fake_server_process(
+        ttft_ms, itl_ms, plan, log=log, tokenize_extra=tokenize_extra, slots=slots, cpus=cpus
+    ) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def fake_server_process(
+    ttft_ms: float = 0.0,
+    itl_ms: float = 0.0,
+    plan: str = "ok",
+    *,
+    log: Path | None = None,
+    tokenize_extra: int | None = None,
+    slots: int | None = None,
+    cpus: str | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """fake_server yielding (URL, the process leading its group), for tests that kill or stop it."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -190,7 +208,7 @@ def fake_server(
         line = proc.stdout.readline()
         if not line.startswith("LISTENING"):
             raise RuntimeError(f"fake server did not start (exit {proc.wait(5)}): {line!r}")
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
+        yield f"http://127.0.0.1:{int(line.split()[1])}", proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

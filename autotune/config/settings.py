@@ -137,6 +137,10 @@ class TrialSettings:
     """Time for a server to answer /health before the trial fails."""
     benchmark_timeout_s: float = 900.0
     """Time for the whole benchmark; past it the trial fails as `no progress`."""
+    stall_timeout_s: float = 30.0
+    """No token received for this long while the benchmark runs: the server is hung and the trial fails
+    at once (a SIGSTOP'd or deadlocked server would otherwise hold it until the client time-outs). Keep
+    it well above the longest gap between arrivals (1 / arrival.rate) and the slowest first token."""
     stop_timeout_s: float = 15.0
     """SIGTERM grace before SIGKILL when stopping a server."""
     max_failed_fraction: float = 0.1
@@ -149,6 +153,7 @@ class TrialSettings:
     def __post_init__(self) -> None:
         _positive("trial.startup_timeout_s", self.startup_timeout_s)
         _positive("trial.benchmark_timeout_s", self.benchmark_timeout_s)
+        _positive("trial.stall_timeout_s", self.stall_timeout_s)
         _positive("trial.stop_timeout_s", self.stop_timeout_s)
         if not 0 <= self.max_failed_fraction <= 1:
             raise ConfigError(f"trial.max_failed_fraction={self.max_failed_fraction} is invalid: use 0..1")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from autotune.config.settings import ObjectivesSettings
+from serving.config import ConfigError, closest_key
 
 _LATENCY = re.compile(
     r"^(mean|median|std|p\d+(\.\d+)?)_(ttft|tpot|itl|e2el|schedule_lag|client_queue_time)_ms$"
@@ -22,12 +23,12 @@ _NAMED = {
     "output_throughput",
     "total_token_throughput",
     "request_goodput",
+    "slo_attainment",
     "max_schedule_lag_ms",
     "max_concurrent_requests",
     "max_output_tokens_per_s",
     "peak_rss_mb",
     "startup_s",
-    "slo_attainment",
     "offered_rps",
     "ttft_growth_s_per_s",
 }
@@ -55,11 +56,14 @@ def is_metric_name(metric: str) -> bool:
 
 
 def check_metric_name(metric: str, where: str) -> None:
-    """Reject a typo before any server starts."""
+    """Reject a typo before any server starts (a misspelled objective would fail every trial)."""
     if is_metric_name(metric):
         return
-    raise ValueError(
-        f"{where}: {metric!r} is not a benchmark metric; use one of {sorted(_NAMED | _CAPACITY)}, "
+    examples = [f"{s}_{m}_ms" for s in ("mean", "median", "p90", "p99") for m in ("ttft", "tpot", "e2el")]
+    close = closest_key(metric, [*_NAMED, *_CAPACITY, *examples])
+    hint = f" (did you mean {close!r}?)" if close else ""
+    raise ConfigError(
+        f"{where}: {metric!r} is not a benchmark metric{hint}; use one of {sorted(_NAMED | _CAPACITY)}, "
         "{mean,median,std,p50,p90,p95,p99}_{ttft,tpot,itl,e2el}_ms, a `capacity_` prefix for the figure "
         "at capacity, or a `_ci95_low` / `_ci95_high` suffix for its interval"
     )
@@ -74,8 +78,9 @@ class Objectives:
     def __post_init__(self) -> None:
         for metric in self.settings.directions:
             check_metric_name(metric, f"objectives.directions.{metric}")
-        for metric, _, _ in self.settings.bounds():
-            check_metric_name(metric, f"objectives.constraints.{metric}")
+        for section in ("constraints", "min_constraints"):  # disabled (null) ones too: a typo is a typo
+            for metric in getattr(self.settings, section):
+                check_metric_name(metric, f"objectives.{section}.{metric}")
 
     @property
     def names(self) -> list[str]:

@@ -117,7 +117,7 @@ def build_traffic(settings: RunSettings, base: DeploymentConfig) -> Traffic:
 def build_context(settings: RunSettings, *, devices: Devices | None = None) -> StudyContext:
     space = load_space(settings.search.space)
     base = base_deployment(space, settings.deployment)
-    objectives = Objectives(settings.objectives)
+    objectives = Objectives(settings.objectives)  # metric names checked here, before any launch
     if settings.export.policy == "max_throughput_within_slo":
         check_metric_name(settings.export.throughput_metric, "export.throughput_metric")
     study = settings.study

@@ -29,7 +29,8 @@ import numpy as np
 
 from autotune.traffic.align import align_with_server
 from autotune.traffic.arrivals import arrival_times
-from autotune.traffic.confidence import RESAMPLES, attainment, intervals
+from autotune.traffic.client import OnChunk
+from autotune.traffic.confidence import RESAMPLES, intervals
 from autotune.traffic.config import ArrivalConfig, CapacityConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.metrics import is_good, summarize
 from autotune.traffic.records import RequestRecord, write_records
@@ -190,6 +191,7 @@ class CapacitySearch:
         probe_concurrency: int | None = None,
         out_dir: Path | None = None,
         on_step: Callable[[LoadStep], None] | None = None,
+        on_chunk: OnChunk = None,
     ) -> None:
         if not slo.as_dict():
             raise ValueError(
@@ -203,6 +205,8 @@ class CapacitySearch:
         self.arrival, self.slo, self.client, self.settings = arrival, slo, client, settings
         self.probe_concurrency = settings.probe_concurrency or probe_concurrency or DEFAULT_PROBE_CONCURRENCY
         self.out_dir, self.on_step = out_dir, on_step or (lambda _: None)
+        self.on_chunk = on_chunk
+        """Called per token received (the trial's hang watch counts them)."""
         self.requests = _Requests(base_url, model, workload)
         self.steps: list[LoadStep] = []
 
@@ -253,7 +257,7 @@ class CapacitySearch:
             warm = [self.requests.builder.build_one(i, stream=1) for i in range(count)]
             plan = self._plan([(r, None) for r in warm], concurrency=count, timeout_s=self.client.timeout_s)
             async with http_client_for(plan) as http:
-                await run_plan(plan, http, None, lambda: None)
+                await run_plan(plan, http, None, lambda: None, self.on_chunk)
 
     def _plan(
         self,
@@ -314,7 +318,7 @@ class CapacitySearch:
         stopped = False
         async with http_client_for(plan) as http:
             started = time.perf_counter()
-            task = asyncio.ensure_future(run_plan(plan, http, started, lambda: None))
+            task = asyncio.ensure_future(run_plan(plan, http, started, lambda: None, self.on_chunk))
             while not task.done():
                 await asyncio.wait({task}, timeout=MONITOR_S)
                 age = time.perf_counter() - started
@@ -345,7 +349,7 @@ class CapacitySearch:
         timeout_s: float,
     ) -> LoadStep:
         summary: dict[str, float] = {k: float(v) for k, v in summarize(records, duration, self.slo).items()}
-        share = attainment(records, self.slo) * len(records) / planned if planned else 0.0
+        share = summary["slo_attainment"] * len(records) / planned if planned else 0.0
         summary["slo_attainment"] = share
         summary["offered_rps"] = rate
         summary |= intervals(records, self.slo, duration)
@@ -381,6 +385,7 @@ async def find_capacity(
     probe_concurrency: int | None = None,
     out_dir: Path | None = None,
     on_step: Callable[[LoadStep], None] | None = None,
+    on_chunk: OnChunk = None,
 ) -> CapacityResult:
     """The capacity search against an OpenAI-compatible server at `url` (model None: its first)."""
     from autotune.traffic.runner import discover_model, normalize_url
@@ -397,6 +402,7 @@ async def find_capacity(
         probe_concurrency=probe_concurrency,
         out_dir=out_dir,
         on_step=on_step,
+        on_chunk=on_chunk,
     )
     result = await search.run()
     if out_dir is not None:

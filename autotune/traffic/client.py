@@ -89,7 +89,12 @@ def new_record(req: PreparedRequest) -> RequestRecord:
     )
 
 
-def _handle_message(data: str, record: RequestRecord, st: float, last: float) -> float:
+OnChunk = Callable[[], None] | None
+"""Called once per choices message received (a token's worth of progress): the trial's watch uses it to
+tell a slow server from a hung one. None: not reported."""
+
+
+def _handle_message(data: str, record: RequestRecord, st: float, last: float, on_chunk: OnChunk) -> float:
     """Apply one SSE data payload to the record; returns the time of the latest choices message."""
     try:
         message = json.loads(data)
@@ -107,6 +112,8 @@ def _handle_message(data: str, record: RequestRecord, st: float, last: float) ->
             record.itl.append(now - last)
         record.chunks += 1
         last = now
+        if on_chunk is not None:
+            on_chunk()
     usage = message.get("usage")
     if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
         record.output_tokens = int(usage["completion_tokens"])
@@ -117,7 +124,7 @@ def _handle_message(data: str, record: RequestRecord, st: float, last: float) ->
 
 
 async def _stream(
-    http: HttpClient, url: str, body: dict[str, Any], record: RequestRecord, origin: float
+    http: HttpClient, url: str, body: dict[str, Any], record: RequestRecord, origin: float, on_chunk: OnChunk
 ) -> None:
     decoder = SSEDecoder()
     st = time.perf_counter()
@@ -135,11 +142,11 @@ async def _stream(
                 if data.strip() == "[DONE]":
                     done = True
                     break
-                last = _handle_message(data, record, st, last)
+                last = _handle_message(data, record, st, last, on_chunk)
         if not done:
             for data in decoder.flush():
                 if data.strip() != "[DONE]":
-                    last = _handle_message(data, record, st, last)
+                    last = _handle_message(data, record, st, last, on_chunk)
     if record.chunks == 0:
         raise RequestFailed("no_tokens", "the stream ended without a choices message (no first token)")
     record.latency = last - st
@@ -156,12 +163,13 @@ async def send_request(
     record: RequestRecord,
     timeout_s: float,
     origin: float,
+    on_chunk: OnChunk = None,
 ) -> RequestRecord:
     """Stream one request into `record`; record.start is t0 - origin (perf_counter clock). Never raises."""
     path, body = build_payload(model, workload, req)
     try:
         async with asyncio.timeout(timeout_s):
-            await _stream(http, base_url + path, body, record, origin)
+            await _stream(http, base_url + path, body, record, origin, on_chunk)
         record.success = True
     except RequestFailed as error:
         record.error_kind, record.error = error.kind, str(error)

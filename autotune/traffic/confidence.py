@@ -21,14 +21,6 @@ RESAMPLES = 1000
 _QUANTILES = (("median", 50.0), ("p90", 90.0), ("p99", 99.0))
 
 
-def attainment(records: Sequence[RequestRecord], slo: SLOConfig | None) -> float:
-    """Share of requests meeting every SLO that is set; a failed request is a miss."""
-    if not records:
-        return 0.0
-    goals = slo.as_dict() if slo is not None else {}
-    return sum(r.success and is_good(r, goals) for r in records) / len(records)
-
-
 def row_percentile(values: np.ndarray, q: float) -> np.ndarray:
     """Each row's q-th percentile over its non-NaN entries (linear interpolation, as numpy's default);
     NaN for a row with none. Much faster than np.nanpercentile on many short rows."""

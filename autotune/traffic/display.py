@@ -37,6 +37,7 @@ def summary_table(
         ("total_output_tokens", "Total generated tokens"),
         ("request_throughput", "Request throughput (req/s)"),
         ("request_goodput", "Request goodput (req/s)"),
+        ("slo_attainment", "SLO attainment (failed = miss)"),
         ("output_throughput", "Output token throughput (tok/s)"),
         ("total_token_throughput", "Total token throughput (tok/s)"),
         ("max_concurrent_requests", "Peak concurrent requests"),

@@ -5,7 +5,6 @@ The same code serves `autotune bench` and the tuner's trial runner. The timed wi
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -18,11 +17,12 @@ from rich.console import Console
 
 from autotune.traffic.align import AlignmentReport, align_with_server
 from autotune.traffic.arrivals import arrival_times
-from autotune.traffic.confidence import attainment, intervals
+from autotune.traffic.client import OnChunk
+from autotune.traffic.confidence import intervals
 from autotune.traffic.config import ArrivalConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.display import make_progress, summary_table
 from autotune.traffic.metrics import failures_by_reason, summarize
-from autotune.traffic.processes import run_processes
+from autotune.traffic.processes import run_processes_async
 from autotune.traffic.records import RequestRecord, write_records
 from autotune.traffic.schedule import ClientPlan, http_client_for, run_in_loop, run_plan
 from autotune.traffic.workload import PreparedRequest, make_builder
@@ -59,13 +59,13 @@ async def discover_model(base_url: str) -> str:
     return str(models[0]["id"])
 
 
-async def _warm_up(base: ClientPlan, requests: Sequence[PreparedRequest]) -> None:
+async def _warm_up(base: ClientPlan, requests: Sequence[PreparedRequest], on_chunk: OnChunk) -> None:
     """Send the warm-up requests (at the run's concurrency) and forget them."""
     if not requests:
         return
     plan = dataclasses.replace(base, items=tuple((r, 0.0) for r in requests), duration_s=None)
     async with http_client_for(plan) as http:
-        await run_plan(plan, http, None, lambda: None)
+        await run_plan(plan, http, None, lambda: None, on_chunk)
 
 
 async def prepare(
@@ -94,8 +94,13 @@ async def run_benchmark_async(
     out_dir: Path | None = None,
     progress: bool = True,
     console: Console | None = None,
+    on_chunk: OnChunk = None,
 ) -> BenchmarkResult:
-    """One timed run against an OpenAI-compatible server at `url` (model None: the server's first)."""
+    """One timed run against an OpenAI-compatible server at `url` (model None: the server's first).
+
+    `on_chunk` is called per token received, warm-up included (with client.processes > 1: at most every
+    worker.CHUNK_REPORT_S per worker), for a watch that tells a slow server from a hung one.
+    """
     if arrival.sweep is not None:
         raise ValueError("arrival.sweep is set: call run_sweep (one result per sweep point)")
     client = client or ClientConfig()
@@ -117,7 +122,7 @@ async def run_benchmark_async(
         arrival.concurrency,
         arrival.duration_s,
     )
-    await _warm_up(plan, warmup)
+    await _warm_up(plan, warmup, on_chunk)
 
     bar = make_progress(console) if progress else None
     task = bar.add_task(f"{workload.name} {arrival.label()}", total=len(timed)) if bar else None
@@ -131,14 +136,13 @@ async def run_benchmark_async(
     try:
         if client.processes == 1:
             async with http_client_for(plan) as http:
-                records, origin, end = await run_plan(plan, http, None, tick)
+                records, origin, end = await run_plan(plan, http, None, tick, on_chunk)
         else:
-            records, origin, end = await asyncio.to_thread(run_processes, plan, client.processes, tick)
+            records, origin, end = await run_processes_async(plan, client.processes, tick, on_chunk)
     finally:
         if bar is not None:
             bar.stop()
     summary = summarize(records, end - origin, slo)
-    summary["slo_attainment"] = attainment(records, slo)
     summary |= intervals(records, slo, end - origin)
     config = {
         "url": base_url,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.traffic.client import HttpClient, make_http_client, new_record, send_request
+from autotune.traffic.client import HttpClient, OnChunk, make_http_client, new_record, send_request
 from autotune.traffic.config import ClientConfig, WorkloadConfig
 from autotune.traffic.records import RequestRecord
 from autotune.traffic.workload import PreparedRequest
@@ -45,6 +45,7 @@ async def _send_one(
     origin: float,
     gate: asyncio.Semaphore | None,
     tick: Tick,
+    on_chunk: OnChunk,
 ) -> RequestRecord:
     arrived = time.perf_counter()
     record = new_record(req)
@@ -52,26 +53,24 @@ async def _send_one(
     record.dispatch_lag = max(0.0, arrived - (origin + scheduled))
     if plan.watch is not None:
         plan.watch(record)
+    args = (http, plan.base_url, plan.model, plan.workload, req, record, plan.client.timeout_s, origin)
     if gate is None:
-        await send_request(
-            http, plan.base_url, plan.model, plan.workload, req, record, plan.client.timeout_s, origin
-        )
+        await send_request(*args, on_chunk)
     else:
         async with gate:
             record.client_queue_time = time.perf_counter() - arrived
-            await send_request(
-                http, plan.base_url, plan.model, plan.workload, req, record, plan.client.timeout_s, origin
-            )
+            await send_request(*args, on_chunk)
     tick()
     return record
 
 
 async def run_plan(
-    plan: ClientPlan, http: HttpClient, origin: float | None, tick: Tick
+    plan: ClientPlan, http: HttpClient, origin: float | None, tick: Tick, on_chunk: OnChunk = None
 ) -> tuple[list[RequestRecord], float, float]:
     """Send the plan's requests (open loop on schedule, or closed loop); returns (records, origin, end).
 
     origin None: now. The HTTP client is made by the caller, before the clock starts (it costs ~20 ms).
+    `tick` is called per finished request, `on_chunk` per token received (client.OnChunk).
     """
     origin = time.perf_counter() if origin is None else origin
     if plan.items and plan.items[0][1] is None:
@@ -84,7 +83,7 @@ async def run_plan(
                 now = time.perf_counter()
                 if deadline is not None and now > deadline:
                     break
-                out.append(await _send_one(plan, http, req, now - origin, origin, None, tick))
+                out.append(await _send_one(plan, http, req, now - origin, origin, None, tick, on_chunk))
             return out
 
         per_worker = await asyncio.gather(*(worker() for _ in range(plan.concurrency or 1)))
@@ -97,7 +96,9 @@ async def run_plan(
                 assert offset is not None  # open-loop plans always carry offsets
                 while (delay := origin + offset - time.perf_counter()) > 0:
                     await asyncio.sleep(delay)  # loop: timers may fire early (uvloop has 1 ms resolution)
-                tasks.append(asyncio.create_task(_send_one(plan, http, req, offset, origin, gate, tick)))
+                tasks.append(
+                    asyncio.create_task(_send_one(plan, http, req, offset, origin, gate, tick, on_chunk))
+                )
             records = list(await asyncio.gather(*tasks))
         except asyncio.CancelledError:  # a load step stopped early: no request may outlive it
             for task in tasks:

@@ -208,12 +208,29 @@ class PromptBuilder:
         return [self.build_one(i, stream) for i in range(count)]
 
 
-def make_builder(workload: WorkloadConfig, model: str | None) -> PromptBuilder:
-    """A builder with the workload's tokenizer, else the model's (when it names a local dir), else words."""
+def tokenizer_path(workload: WorkloadConfig, model: str | None) -> Path | None:
+    """The workload's tokenizer dir, else the model's (when it names a local dir), else None (words)."""
     path = resolve_tokenizer_path(workload.tokenizer) or resolve_tokenizer_path(model)
     if workload.tokenizer and path is None:
         raise ValueError(
             f"workload.tokenizer={workload.tokenizer!r} is neither a tokenizer dir nor a model shipped under "
             "serving/models/; give a local path or null (use the server's /tokenize)"
         )
+    return path
+
+
+def make_builder(workload: WorkloadConfig, model: str | None) -> PromptBuilder:
+    """A builder with the workload's tokenizer, else the model's (when it names a local dir), else words."""
+    path = tokenizer_path(workload, model)
     return PromptBuilder(workload, load_tokenizer(str(path)) if path is not None else None)
+
+
+def preload_tokenizer(workload: WorkloadConfig, model: str | None) -> None:
+    """Load the tokenizer make_builder will use in this thread, ahead of the benchmark.
+
+    The first load takes seconds (transformers' import: 5-17 s here) and blocks the event loop it runs on;
+    a trial does it while its server starts, so the watch on its benchmark is not blind that long.
+    """
+    path = tokenizer_path(workload, model)
+    if path is not None:
+        load_tokenizer(str(path))

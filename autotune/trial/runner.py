@@ -1,8 +1,9 @@
 """One trial: launch the deployment, drive the workload, read server stats, stop everything.
 
-Whatever goes wrong (no /health in time, a crash or OOM kill, a benchmark that makes no progress, too many
-failed requests) ends as a failed TrialOutcome with the reason and the server log; it never raises, so the
-study goes on with the next configuration (as Optuna's own _run_trial records FAIL and continues).
+Whatever goes wrong (no /health in time, a crash or OOM kill, a server that hangs, a benchmark that does
+not finish, too many failed requests) ends as a failed TrialOutcome with the reason and the server log; it
+never raises, so the study goes on with the next configuration (as Optuna's own _run_trial records FAIL
+and continues).
 """
 
 from __future__ import annotations
@@ -10,28 +11,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 
 from autotune.config.settings import TrialSettings
-from autotune.traffic.capacity import find_capacity
+from autotune.traffic.capacity import CapacityResult, find_capacity
+from autotune.traffic.client import OnChunk
 from autotune.traffic.config import ArrivalConfig, CapacityConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.metrics import failures_by_reason
-from autotune.traffic.runner import run_benchmark_async
+from autotune.traffic.runner import BenchmarkResult, run_benchmark_async
+from autotune.traffic.workload import preload_tokenizer
+from autotune.trial.watch import Progress, WatchError, signal_hint, watched
 from serving.config import DeploymentConfig
 
 if TYPE_CHECKING:
     from serving.launch import ServerProcess
 
 MIB = 2**20
-CANCEL_POLL_S = 0.2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,22 +105,23 @@ def run_trial(
     try:
         phase("starting server")
         server.start()
+        preload_tokenizer(traffic.workload, config.model.name)  # meanwhile, not in the watched benchmark
         server.wait_healthy(settings.startup_timeout_s, cancel=cancel)
         metrics["startup_s"] = time.monotonic() - started
         phase("benchmarking")
         if traffic.capacity is None:
-            summary, failures = _benchmark(
-                server.url, config.model.name, traffic, settings, trial_dir, cancel
-            )
+            summary, failures = _benchmark(server, config.model.name, traffic, settings, trial_dir, cancel)
             records_path = trial_dir / "records.jsonl"
         else:
             devices = _device_count(cpus, env)
             summary, failures = _capacity(
-                server.url, config, traffic, settings, trial_dir, cancel, phase, devices
+                server, config, traffic, settings, trial_dir, cancel, phase, devices
             )
             records_path = trial_dir / "steps"
         metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
-        reason = _judge(summary, failures, server.returncode, settings)
+        reason = _judge(summary, failures, server.poll(), settings)
+    except WatchError as err:  # died, hung or cancelled while the benchmark ran: the message says which
+        reason = str(err)
     except TimeoutError:
         limit = settings.benchmark_timeout_s
         reason = f"no progress: the benchmark did not finish within trial.benchmark_timeout_s={limit:g}"
@@ -135,7 +139,7 @@ def run_trial(
     if peak:
         metrics["peak_rss_mb"] = peak / MIB
     if reason is not None and code not in (None, 0) and "exited" not in reason:
-        reason += f" (server exit code {code}{_signal_hint(code)})"
+        reason += f" (server exit code {code}{signal_hint(code)})"
     ok = reason is None
     if not ok and log_path.exists():
         last = _last_log_line(log_path)
@@ -162,47 +166,53 @@ def _last_log_line(path: Path) -> str:
     return ""
 
 
-def _watched(coroutine: Any, settings: TrialSettings, cancel: threading.Event | None) -> Any:
-    """Run the benchmark coroutine within trial.benchmark_timeout_s, stopping soon after `cancel` is set."""
+def _watched(
+    make: Callable[[OnChunk], Awaitable[T]],
+    server: ServerProcess,
+    settings: TrialSettings,
+    cancel: threading.Event | None,
+) -> T:
+    """Run the benchmark coroutine `make(on_chunk)` under the watch (autotune.trial.watch) and within
+    trial.benchmark_timeout_s: a death or a hang of the server fails it at once."""
+    progress = Progress()
 
-    async def timed() -> Any:
-        task = asyncio.ensure_future(asyncio.wait_for(coroutine, timeout=settings.benchmark_timeout_s))
-        while not task.done():
-            await asyncio.wait({task}, timeout=CANCEL_POLL_S)
-            if cancel is not None and cancel.is_set() and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise RuntimeError("benchmark cancelled")
-        return task.result()
+    async def run() -> T:
+        timed = asyncio.wait_for(make(progress.tick), timeout=settings.benchmark_timeout_s)
+        result: T = await watched(timed, server, settings.stall_timeout_s, progress, cancel)
+        return result
 
-    return asyncio.run(timed())
+    return asyncio.run(run())
 
 
 def _benchmark(
-    url: str,
+    server: ServerProcess,
     model: str,
     traffic: Traffic,
     settings: TrialSettings,
     out_dir: Path,
     cancel: threading.Event | None = None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    coroutine = run_benchmark_async(
-        url,
-        model,
-        traffic.workload,
-        traffic.arrival,
-        slo=traffic.slo,
-        client=traffic.client,
-        out_dir=out_dir,
-        progress=False,
-    )
-    result = _watched(coroutine, settings, cancel)
+    """The fixed load of the arrival section."""
+
+    def make(on_chunk: OnChunk) -> Awaitable[BenchmarkResult]:
+        return run_benchmark_async(
+            server.url,
+            model,
+            traffic.workload,
+            traffic.arrival,
+            slo=traffic.slo,
+            client=traffic.client,
+            out_dir=out_dir,
+            progress=False,
+            on_chunk=on_chunk,
+        )
+
+    result = _watched(make, server, settings, cancel)
     return dict(result.summary), dict(result.failures_by_reason)
 
 
 def _capacity(
-    url: str,
+    server: ServerProcess,
     config: DeploymentConfig,
     traffic: Traffic,
     settings: TrialSettings,
@@ -213,19 +223,24 @@ def _capacity(
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The capacity search; failures counted over every step except requests cut as certain SLO misses."""
     assert traffic.capacity is not None and traffic.slo is not None  # build_traffic checks both
-    coroutine = find_capacity(
-        url,
-        config.model.name,
-        traffic.workload,
-        traffic.arrival,
-        traffic.slo,
-        client=traffic.client,
-        settings=traffic.capacity,
-        probe_concurrency=config.scheduler.max_num_seqs * config.parallel.dp,
-        out_dir=out_dir,
-        on_step=lambda step: phase(f"load {step.label}: attainment {step.attainment:.0%}"),
-    )
-    result = _watched(coroutine, settings, cancel)
+    slo, capacity = traffic.slo, traffic.capacity
+
+    def make(on_chunk: OnChunk) -> Awaitable[CapacityResult]:
+        return find_capacity(
+            server.url,
+            config.model.name,
+            traffic.workload,
+            traffic.arrival,
+            slo,
+            client=traffic.client,
+            settings=capacity,
+            probe_concurrency=config.scheduler.max_num_seqs * config.parallel.dp,
+            out_dir=out_dir,
+            on_step=lambda step: phase(f"load {step.label}: attainment {step.attainment:.0%}"),
+            on_chunk=on_chunk,
+        )
+
+    result = _watched(make, server, settings, cancel)
     records = [r for step in result.steps for r in step.records]
     failures = failures_by_reason([r for r in records if r.error_kind not in SLO_MISS_KINDS])
     summary: dict[str, Any] = result.metrics(devices)
@@ -249,7 +264,7 @@ def _judge(
 ) -> str | None:
     """None when the measurement is usable, else why not."""
     if returncode is not None:
-        return f"server exited with code {returncode}{_signal_hint(returncode)} during the benchmark"
+        return f"server exited with code {returncode}{signal_hint(returncode)} during the benchmark"
     completed, failed = int(summary.get("completed", 0)), int(summary.get("failed", 0))
     if completed == 0:
         return f"no request completed (failures: {failures or 'none recorded'})"
@@ -259,14 +274,6 @@ def _judge(
             f"trial.max_failed_fraction={settings.max_failed_fraction:g}"
         )
     return None
-
-
-def _signal_hint(code: int) -> str:
-    if code in (-signal.SIGKILL, 128 + signal.SIGKILL, 137):
-        return ": killed, likely out of memory"
-    if code < 0:
-        return f": {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_ else ""
-    return ""
 
 
 def _stop(server: ServerProcess, timeout_s: float) -> tuple[int | None, str | None]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from autotune.traffic.capacity import find_capacity, ttft_growth
-from autotune.traffic.confidence import attainment, intervals
+from autotune.traffic.confidence import intervals
 from autotune.traffic.config import (
     ArrivalConfig,
     CapacityConfig,
@@ -23,6 +23,7 @@ from autotune.traffic.config import (
     SLOConfig,
     WorkloadConfig,
 )
+from autotune.traffic.metrics import summarize
 from autotune.traffic.records import RequestRecord
 from serving.config import ConfigError
 from tests.fake_server import fake_server
@@ -118,7 +119,7 @@ def test_bootstrap_intervals_cover_a_known_value() -> None:
 
 def test_attainment_counts_failures_as_misses() -> None:
     records = [_record(0, 0.05), _record(1, 0.5), _record(2, 0.05, success=False)]
-    assert attainment(records, SLOConfig(ttft_ms=100)) == pytest.approx(1 / 3)
+    assert summarize(records, 1.0, SLOConfig(ttft_ms=100))["slo_attainment"] == pytest.approx(1 / 3)
 
 
 def test_ttft_growth_tells_a_growing_queue_from_jitter() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import pytest
 
 from autotune.cli import main as cli_main
@@ -46,3 +47,36 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "n_trail" in capsys.readouterr().err
     assert cli_main(["run", "--help"]) == 0
     assert "conf=chat" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "meant"),
+    [
+        ("+objectives.directions.p99_ttfr_ms=minimize", "objectives.directions.p99_ttfr_ms", "p99_ttft_ms"),
+        ("+objectives.constraints.p99_tpto_ms=100", "objectives.constraints.p99_tpto_ms", "p99_tpot_ms"),
+        (
+            "+objectives.min_constraints.slo_attainmnet=null",
+            "min_constraints.slo_attainmnet",
+            "slo_attainment",
+        ),
+        ("export.throughput_metric=output_throughputt", "export.throughput_metric", "output_throughput"),
+    ],
+)
+def test_a_misspelled_metric_fails_the_run_before_any_server_starts(
+    override: str,
+    key: str,
+    meant: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Named, with the metric it most likely meant; no trial directory, no server log, no child process
+    (a null, disabled constraint is checked too: a typo is a typo)."""
+    monkeypatch.chdir(tmp_path)
+    assert (
+        cli_main(["run", "conf=chat", "model=llama-tiny", "study.live=off", "tracking=none", override]) == 2
+    )
+    err = capsys.readouterr().err
+    assert key in err and f"did you mean {meant!r}" in err, err
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob("server.log"))
+    assert not psutil.Process().children(recursive=True)

@@ -1,4 +1,5 @@
-"""Summary statistics against hand-computed values: vLLM definitions, goodput at the SLO boundaries."""
+"""Summary statistics against hand-computed values: vLLM definitions, goodput and SLO attainment at the SLO
+boundaries, failed requests as SLO misses."""
 
 from __future__ import annotations
 
@@ -97,4 +98,19 @@ def test_goodput_at_the_boundaries(slo: SLOConfig, good: int) -> None:
         rec(0.0625, [], 1),  # ttft 62.5, tpot 0, e2el 62.5
         rec(0, [], 0, ok=False, kind="timeout"),  # failed requests are never good
     ]
-    assert summarize(records, duration=2.0, slo=slo)["request_goodput"] == good / 2.0
+    summary = summarize(records, duration=2.0, slo=slo)
+    assert summary["request_goodput"] == good / 2.0
+    assert summary["slo_attainment"] == good / 4  # of all four requests: the failed one is a miss
+
+
+def test_failed_requests_lower_slo_attainment_but_not_goodput() -> None:
+    slo = SLOConfig(ttft_ms=200)
+    good = [rec(0.1, [0.01], 2, start=i * 0.5) for i in range(4)]
+    late = rec(0.3, [0.01], 2, start=2.0)  # completed, misses the TTFT objective
+    failed = [rec(0, [], 0, ok=False, kind="stream_dropped") for _ in range(5)]
+    clean = summarize([*good, late], duration=4.0, slo=slo)
+    hurt = summarize([*good, late, *failed], duration=4.0, slo=slo)
+    assert clean["slo_attainment"] == 4 / 5 and hurt["slo_attainment"] == 4 / 10
+    assert clean["request_goodput"] == hurt["request_goodput"] == 1.0  # vLLM's: good ones per second
+    assert summarize([], duration=1.0, slo=slo)["slo_attainment"] == 0.0
+    assert summarize(failed, duration=1.0)["slo_attainment"] == 0.0  # no SLO set: completed / all

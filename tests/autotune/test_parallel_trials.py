@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from autotune.report import results as R
-from tests.autotune.test_run_e2e import TINY, sigterm_when_ready
+from tests.autotune.test_run_e2e import STILL_RUNNING, TINY, sigterm_when_ready
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def test_two_trials_run_at_once_on_disjoint_cores(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_both_running_trials_and_resume_measures_them(tmp_path: Path) -> None:
-    args = ["conf=chat", *_args(tmp_path, "cut2", 2)]
+    args = ["conf=chat", *_args(tmp_path, "cut2", 2), *STILL_RUNNING]
     logs = [f"runs/cut2/trials/000{n}/server.log" for n in (0, 1)]
     code, output, survivors = sigterm_when_ready(args, tmp_path, logs)
     assert code == 130, output

@@ -43,6 +43,9 @@ TINY = [
     "study.name=e2e",
     "study.live=off",
 ]
+STILL_RUNNING = ["arrival.num_requests=60", "arrival.rate=5"]
+"""A 12 s benchmark, for tests that SIGTERM a run once its servers are ready: TINY's lasts under a second
+(the client's tokenizer is loaded while the server starts), so a trial could complete before the signal."""
 
 
 def trial_runs(client: MlflowClient, experiment_id: str) -> list:
@@ -189,7 +192,14 @@ def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume
         "dimensions:\n  scheduler.policy: {type: categorical, choices: [request, static, continuous]}\n"
         "  scheduler.max_num_seqs: {type: int, low: 2, high: 16}\n"
     )
-    args = [*TINY, "study.name=cut", "study.n_trials=1", "tracking=none", f"search.space={space}"]
+    args = [
+        *TINY,
+        *STILL_RUNNING,
+        "study.name=cut",
+        "study.n_trials=1",
+        "tracking=none",
+        f"search.space={space}",
+    ]
     code, output, survivors = sigterm_when_ready(args, tmp_path, ["runs/cut/trials/0000/server.log"])
     assert code == 130, output
     assert not survivors, "a server outlived the run"

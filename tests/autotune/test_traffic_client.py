@@ -83,6 +83,9 @@ def test_each_failure_kind_is_counted_and_excluded() -> None:
     assert all(r.output_tokens == OUT for r in good)  # without usage: counted chunks
     assert result.summary["total_output_tokens"] == 4 * OUT
     assert all(r.error and r.ttft == 0.0 and not r.itl for r in result.records if not r.success)
+    # failed requests are SLO misses in slo_attainment (4 of 16); goodput stays vLLM's, per second
+    assert result.summary["slo_attainment"] == 4 / 16
+    assert result.summary["request_goodput"] == pytest.approx(4 / result.summary["duration"])
 
 
 @pytest.mark.parametrize("http", ["aiohttp", "httpx"])
