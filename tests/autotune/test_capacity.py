@@ -28,16 +28,16 @@ from autotune.traffic.records import RequestRecord
 from serving.config import ConfigError
 from tests.fake_server import fake_server
 
-SLOTS, TTFT_MS, ITL_MS, OUT = 4, 20.0, 10.0, 20
-KNOWN_RPS = SLOTS / ((TTFT_MS + (OUT - 1) * ITL_MS) / 1000.0)  # 19.0 req/s
+SLOTS, TTFT_MS, ITL_MS, OUT = 2, 20.0, 20.0, 20
+KNOWN_RPS = SLOTS / ((TTFT_MS + (OUT - 1) * ITL_MS) / 1000.0)  # 5.0 req/s
 WORKLOAD = WorkloadConfig(
     name="t", input_len=LengthDistribution(mean=8), output_len=LengthDistribution(mean=OUT)
 )
 
 
 def test_the_search_finds_a_known_capacity_within_ten_percent(tmp_path: Path) -> None:
-    arrival = ArrivalConfig(kind="constant", rate=5.0, num_requests=10)
-    settings = CapacityConfig(step_s=3.0, min_requests=20, max_steps=8, tolerance=0.08)
+    arrival = ArrivalConfig(kind="constant", rate=2.0, num_requests=10)
+    settings = CapacityConfig(step_s=3.0, min_requests=15, max_steps=8, tolerance=0.08)
     with fake_server(TTFT_MS, ITL_MS, slots=SLOTS) as url:
         result = asyncio.run(
             find_capacity(
@@ -46,7 +46,7 @@ def test_the_search_finds_a_known_capacity_within_ten_percent(tmp_path: Path) ->
         )
     assert abs(result.capacity_rps - KNOWN_RPS) / KNOWN_RPS <= 0.10, result
     assert result.failing_rps is not None and result.failing_rps > result.capacity_rps
-    assert result.nominal.carried and result.nominal.rate == 5.0
+    assert result.nominal.carried and result.nominal.rate == 2.0
     overloaded = [s for s in result.steps if s.kind != "probe" and s.rate > 1.2 * KNOWN_RPS]
     assert overloaded and not any(s.carried for s in overloaded)
     saved = json.loads((tmp_path / "capacity.json").read_text())
