@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from autotune.config.paths import CONF_DIR
-from autotune.traffic.capacity import LoadStep, find_capacity
+from autotune.traffic.capacity import find_capacity
+from autotune.traffic.capacity_result import LoadStep
 from autotune.traffic.config import ArrivalConfig, CapacityConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.runner import print_summary, run_sweep
 from autotune.traffic.schedule import run_in_loop

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psutil
 
 from autotune.config.settings import TrialSettings
-from autotune.traffic.capacity import CapacityResult, find_capacity
+from autotune.traffic.capacity import find_capacity
+from autotune.traffic.capacity_result import CapacityResult
 from autotune.traffic.client import OnChunk
 from autotune.traffic.config import ArrivalConfig, CapacityConfig, ClientConfig, SLOConfig, WorkloadConfig
 from autotune.traffic.metrics import failures_by_reason
