@@ -28,6 +28,7 @@ FIXED_LOAD = [
     "capacity.enabled=false",
     "objectives=throughput_latency",
     "export.throughput_metric=output_throughput",
+    "export.remeasure=0",
 ]
 """The fixed-load objectives of before: these tests prove resume, tracking and export, not the load search."""
 
