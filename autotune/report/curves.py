@@ -6,15 +6,14 @@ bars; the data is gathered apart from the drawing, so tests can check it without
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from autotune.report.pareto import candidates, dominates
-from autotune.report.plots import COLORS
+from autotune.report.plots import COLORS, new_figure, save_figure
 from autotune.report.results import TrialRecord
+from autotune.traffic.capacity_result import load_steps
 
 MAX_CURVES = 8
 """More lines than this are unreadable: the trials with the highest capacity are drawn."""
@@ -29,19 +28,9 @@ class CurvePoint:
     carried: bool
 
 
-def load_steps(record: TrialRecord) -> list[dict[str, Any]]:
-    """The open-loop steps of a trial's capacity search (empty for a fixed-load trial)."""
-    if not record.trial_dir:
-        return []
-    path = Path(record.trial_dir) / "capacity.json"
-    if not path.is_file():
-        return []
-    return [s for s in json.loads(path.read_text())["steps"] if s["kind"] != "probe"]
-
-
 def curve(record: TrialRecord, metric: str = "p99_ttft_ms") -> list[CurvePoint]:
     points = []
-    for step in sorted(load_steps(record), key=lambda s: s["rate"]):
+    for step in load_steps(record.trial_dir):
         summary = step["summary"]
         value = float(summary.get(metric, 0.0))
         low = float(summary.get(f"{metric}_ci95_low", value))
@@ -52,19 +41,15 @@ def curve(record: TrialRecord, metric: str = "p99_ttft_ms") -> list[CurvePoint]:
 
 def draw_load_curves(records: Sequence[TrialRecord], path: Path, slo_ms: float | None) -> Path | None:
     """p99 TTFT against offered rate per trial; filled markers are carried rates, hollow ones are not."""
-    done = [r for r in candidates(records, feasible_only=False) if load_steps(r)]
+    curves = {r.number: curve(r) for r in candidates(records, feasible_only=False)}
+    done = [r for r in candidates(records, feasible_only=False) if curves[r.number]]
     if not done:
         return None
     done = sorted(done, key=lambda r: -float(r.metrics.get("capacity_rps", 0.0)))[:MAX_CURVES]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    fig, ax = new_figure()
     for index, record in enumerate(done):
         color = COLORS[index % len(COLORS)]
-        points = curve(record)
+        points = curves[record.number]
         xs, ys = [p.rate for p in points], [p.value for p in points]
         errors = [[p.value - p.low for p in points], [p.high - p.value for p in points]]
         ax.errorbar(xs, ys, yerr=errors, color=color, linewidth=1, capsize=2, label=f"#{record.number}")
@@ -76,12 +61,7 @@ def draw_load_curves(records: Sequence[TrialRecord], path: Path, slo_ms: float |
     ax.set_ylabel("p99 TTFT (ms), 95% interval")
     ax.set_yscale("log")
     ax.set_title("filled: rate carried within the SLOs", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 @dataclass(frozen=True)
@@ -121,12 +101,7 @@ def draw_capacity_front(records: Sequence[TrialRecord], path: Path) -> Path | No
     points = capacity_front(records)
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    fig, ax = new_figure()
     errors = [[p.per_device - p.low for p in points], [p.high - p.per_device for p in points]]
     ax.errorbar(
         [p.per_user for p in points], [p.per_device for p in points], yerr=errors, fmt="o", color=COLORS[0],
@@ -140,9 +115,4 @@ def draw_capacity_front(records: Sequence[TrialRecord], path: Path) -> Path | No
         )
     ax.set_xlabel("tokens/s per user at capacity (1000 / median TPOT) ↑ better")
     ax.set_ylabel("output tokens/s per device at capacity ↑ better")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -95,12 +96,7 @@ def _axis_label(name: str, direction: str) -> str:
 
 def draw_pair_png(info: PairInfo, path: Path) -> Path:
     """Trials coloured by `group_by`; infeasible ones as crosses; the pair's front as a red line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    fig, ax = new_figure()
     groups = sorted({p.group for p in info.points})
     for index, group in enumerate(groups):
         color = COLORS[index % len(COLORS)]
@@ -140,6 +136,23 @@ def draw_pair_png(info: PairInfo, path: Path) -> Path:
     ax.set_xlabel(_axis_label(info.x_name, info.x_direction))
     ax.set_ylabel(_axis_label(info.y_name, info.y_direction))
     ax.set_title(f"colour: {info.group_by}", fontsize=8)
+    return save_figure(fig, ax, path)
+
+
+def new_figure() -> tuple[Any, Any]:
+    """A figure and axes for a report PNG (matplotlib's Agg backend: no screen needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.6), dpi=110)
+
+
+def save_figure(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend and tight layout as every report PNG has them; written to `path` and closed."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

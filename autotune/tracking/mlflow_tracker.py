@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from autotune.config.settings import TrackingSettings
 from autotune.report.results import TrialRecord
 from autotune.tracking.tracker import Tracker
+from autotune.traffic.capacity_result import CAPACITY_FILE, load_steps
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -290,7 +290,7 @@ def _trial_artifacts(record: TrialRecord, outcome: TrialOutcome | None) -> list[
     directory = Path(outcome.trial_dir) if outcome else (Path(record.trial_dir) if record.trial_dir else None)
     if directory is None or not directory.is_dir():
         return []
-    wanted = [directory / name for name in ("server.log", "records.jsonl", "summary.json", "capacity.json")]
+    wanted = [directory / name for name in ("server.log", "records.jsonl", "summary.json", CAPACITY_FILE)]
     wanted += sorted(directory.glob("*.yaml"))
     return [path for path in wanted if path.is_file()]
 
@@ -312,13 +312,8 @@ step, so the run's charts draw the latency-versus-rate curve."""
 def load_curve_metrics(record: TrialRecord, outcome: TrialOutcome | None, now: int) -> list[Any]:
     from mlflow.entities import Metric
 
-    directory = Path(outcome.trial_dir) if outcome else (Path(record.trial_dir) if record.trial_dir else None)
-    path = directory / "capacity.json" if directory else None
-    if path is None or not path.is_file():
-        return []
-    steps = [s for s in json.loads(path.read_text())["steps"] if s["kind"] != "probe"]
     out = []
-    for rank, step in enumerate(sorted(steps, key=lambda s: s["rate"])):
+    for rank, step in enumerate(load_steps(outcome.trial_dir if outcome else record.trial_dir)):
         for key in LOAD_CURVE_KEYS:
             value = step["summary"].get(key)
             if value is not None and math.isfinite(float(value)):

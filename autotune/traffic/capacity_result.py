@@ -6,10 +6,24 @@ Kept apart from the search (autotune.traffic.capacity) because the trial runner,
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from autotune.traffic.records import RequestRecord
+
+CAPACITY_FILE = "capacity.json"
+"""A search's steps and bracket, written into the trial's (or bench run's) directory."""
+
+
+def load_steps(directory: Path | str | None) -> list[dict[str, Any]]:
+    """The open-loop steps saved in `directory`/capacity.json, by offered rate (empty: no search there)."""
+    path = Path(directory) / CAPACITY_FILE if directory else None
+    if path is None or not path.is_file():
+        return []
+    steps = [s for s in json.loads(path.read_text())["steps"] if s["kind"] != "probe"]
+    return sorted(steps, key=lambda s: s["rate"])
 
 
 @dataclass
