@@ -77,6 +77,11 @@ def select(records: Sequence[TrialRecord], objectives: Objectives, settings: Exp
     return Selection(chosen, settings.policy, why)
 
 
+def deployment_config(record: TrialRecord) -> DeploymentConfig:
+    """The deployment a trial measured, without its port (every launch picks a free one)."""
+    return DeploymentConfig().replace(**{k: v for k, v in record.deployment.items() if k != "server.port"})
+
+
 def engine_command(config: DeploymentConfig) -> str:
     """The server command line for this deployment (as the backend would launch it)."""
     argv = get_backend(config.backend).command(config, config.server.port)
@@ -93,8 +98,7 @@ def best_yaml(
     measured_on: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     record = selection.record
-    flat = {k: v for k, v in record.deployment.items() if k != "server.port"}
-    config = DeploymentConfig().replace(**flat)
+    config = deployment_config(record)
     chosen_on = {name: record.metrics.get(name) for name in objectives.names}
     return {
         "deployment": config.to_dict(),

@@ -94,17 +94,7 @@ def build_traffic(settings: RunSettings, base: DeploymentConfig) -> Traffic:
     slo = SLOConfig.from_config(settings.slo) if settings.slo else None
     capacity = CapacityConfig.from_config(settings.capacity or None)
     if capacity.enabled:
-        if slo is None or not slo.as_dict():
-            raise ConfigError(
-                "capacity.enabled=true needs an SLO to search under: set slo.ttft_ms, slo.tpot_ms or "
-                "slo.e2el_ms (conf/slo/), or capacity.enabled=false for the fixed load only"
-            )
-        if arrival.closed or arrival.sweep is not None:
-            raise ConfigError(
-                f"capacity.enabled=true searches open-loop rates, but arrival.kind={arrival.kind!r} and "
-                f"arrival.sweep={arrival.sweep}: use an open-loop arrival without a sweep (arrival=poisson), "
-                "or capacity.enabled=false"
-            )
+        CapacityConfig.check_traffic(arrival, slo)
     return Traffic(
         workload=workload,
         arrival=arrival,

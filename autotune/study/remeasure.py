@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.report.export import Selection
+from autotune.report.export import Selection, deployment_config
 from autotune.report.ties import interval
 from autotune.study.context import StudyContext
 from autotune.trial.device_pool import DevicePool
 from autotune.trial.runner import run_trial
-from serving.config import DeploymentConfig
 
 REPORT_CHANGE = 0.10
 
@@ -98,8 +97,7 @@ def remeasure(
 ) -> Remeasure:
     """Launch the selected deployment `repeats` times, one after another, and measure `metric` each time."""
     record = selection.record
-    flat = {k: v for k, v in record.deployment.items() if k != "server.port"}
-    config = DeploymentConfig().replace(**flat)
+    config = deployment_config(record)
     pool = DevicePool(ctx.devices, 1, ctx.settings.trial.server_cpus)
     values: list[float] = []
     spans: list[tuple[float, float]] = []
@@ -137,15 +135,14 @@ def remeasure_cached(
     export = ctx.settings.export
     if export.remeasure == 0:
         return None
-    metric = (
-        export.throughput_metric if export.policy == "max_throughput_within_slo" else ctx.objectives.names[0]
-    )
+    metric = ctx.objectives.names[0]
+    if export.policy == "max_throughput_within_slo":
+        metric = export.throughput_metric
     cache = ctx.run_dir / "remeasure" / f"{selection.record.number:04d}.json"
     if cache.exists():
         stored: dict[str, Any] = json.loads(cache.read_text())
-        if stored.get("metric") == metric and len(stored.get("repeats", [])) + len(
-            stored.get("failures", [])
-        ) == (export.remeasure):
+        launches = len(stored.get("repeats", [])) + len(stored.get("failures", []))
+        if stored.get("metric") == metric and launches == export.remeasure:
             return stored
     result = remeasure(ctx, selection, export.remeasure, metric, on_phase).as_dict()
     cache.parent.mkdir(parents=True, exist_ok=True)

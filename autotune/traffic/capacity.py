@@ -27,7 +27,7 @@ import numpy as np
 
 from autotune.traffic.align import align_with_server
 from autotune.traffic.arrivals import arrival_times
-from autotune.traffic.capacity_result import CapacityResult, LoadStep
+from autotune.traffic.capacity_result import CAPACITY_FILE, CapacityResult, LoadStep
 from autotune.traffic.client import OnChunk
 from autotune.traffic.confidence import RESAMPLES, intervals
 from autotune.traffic.config import ArrivalConfig, CapacityConfig, ClientConfig, SLOConfig, WorkloadConfig
@@ -119,14 +119,7 @@ class CapacitySearch:
         on_step: Callable[[LoadStep], None] | None = None,
         on_chunk: OnChunk = None,
     ) -> None:
-        if not slo.as_dict():
-            raise ValueError(
-                "the capacity search needs at least one SLO: set slo.ttft_ms, tpot_ms or e2el_ms"
-            )
-        if arrival.closed:
-            raise ValueError(
-                "the capacity search needs an open-loop arrival shape (poisson, gamma, constant)"
-            )
+        settings.check_traffic(arrival, slo)
         self.base_url, self.model, self.workload = base_url, model, workload
         self.arrival, self.slo, self.client, self.settings = arrival, slo, client, settings
         self.probe_concurrency = settings.probe_concurrency or probe_concurrency or DEFAULT_PROBE_CONCURRENCY
@@ -284,9 +277,8 @@ class CapacitySearch:
         summary["ttft_growth_s_per_s_ci95_low"] = growth_low
         ttft_slo = None if self.slo.ttft_ms is None else self.slo.ttft_ms / 1000.0
         late = [r.ttft for r in sorted(records, key=lambda r: r.scheduled)[len(records) // 2 :] if r.success]
-        projected = (float(np.median(late)) if late else math.inf) + max(
-            growth, 0.0
-        ) * self.settings.sustain_s
+        trend_s = max(growth, 0.0) * self.settings.sustain_s
+        projected = (float(np.median(late)) if late else math.inf) + trend_s
         sustained = ttft_slo is None or projected <= ttft_slo
         carried = kind != "probe" and not stopped and share >= self.slo.attainment and sustained
         return LoadStep(kind, rate, planned, share, carried, growth, growth_low, stopped, summary, records)
@@ -340,5 +332,5 @@ async def find_capacity(
             "steps": [s.as_json() for s in result.steps],
         }
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "capacity.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (out_dir / CAPACITY_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     return result

@@ -323,6 +323,21 @@ class CapacityConfig:
         if self.max_steps < 2:
             raise ConfigError(f"capacity.max_steps must be >= 2 (nominal + one more), got {self.max_steps}")
 
+    @staticmethod
+    def check_traffic(arrival: ArrivalConfig, slo: SLOConfig | None) -> None:
+        """The search needs an SLO to search under and open-loop rates to search over."""
+        if slo is None or not slo.as_dict():
+            raise ConfigError(
+                "capacity.enabled=true needs an SLO to search under: set slo.ttft_ms, slo.tpot_ms or "
+                "slo.e2el_ms (conf/slo/), or capacity.enabled=false for the fixed load only"
+            )
+        if arrival.closed or arrival.sweep is not None:
+            raise ConfigError(
+                f"capacity.enabled=true searches open-loop rates, but arrival.kind={arrival.kind!r} and "
+                f"arrival.sweep={arrival.sweep}: use an open-loop arrival without a sweep (arrival=poisson), "
+                "or capacity.enabled=false"
+            )
+
     @classmethod
     def from_config(cls, source: Mapping[str, Any] | DictConfig | None) -> CapacityConfig:
         data = _plain(source)
