@@ -1,11 +1,12 @@
 """TTFT and capacity of the builtin engine with automatic prefix caching on and off, on chat traffic.
 
     .venv/bin/python bench/prefix_caching.py [--rounds 3] [--concurrency 1 8] [--system-prompt 32 480]
-        [--out bench/results/prefix_caching.json]
+        [--output-len 64] [--out bench/results/prefix_caching.json]
 
 Load: conf/workload/chat.yaml (a shared system prompt, a ~96-token user turn, ~64 output tokens), with the
 system prompt at each --system-prompt length (32 is the shipped workload; 480 is a long one as GPU chats
-send). Each concurrency is a closed loop of max(16, 4c) timed requests after warm-ups, measured by our
+send); --output-len replaces the workload's ~64 output tokens (TTFT needs few: shorter runs on a
+busy machine). Each concurrency is a closed loop of max(16, 4c) timed requests after warm-ups, measured by our
 traffic runner. Both settings run in every round, in alternating order, on servers pinned to cores 0-1
 (the machine is shared: compare within a round, read the spread across rounds).
 Reports mean / p99 TTFT and output tok/s (capacity at the closed loop's concurrency) per setting.
@@ -38,9 +39,11 @@ CPUS = [0, 1]
 KEYS = ("mean_ttft_ms", "p99_ttft_ms", "output_throughput", "mean_tpot_ms")
 
 
-def chat_workload(system_prompt: int) -> WorkloadConfig:
+def chat_workload(system_prompt: int, output_len: int | None) -> WorkloadConfig:
     data: dict[str, Any] = yaml.safe_load((ROOT / "conf" / "workload" / "chat.yaml").read_text())
     data["prefix_len"] = system_prompt
+    if output_len is not None:
+        data["output_len"] = {"mean": output_len}
     data["tokenizer"] = str(ROOT / "serving" / "models" / "llama-57m")
     return WorkloadConfig.from_config(data)
 
@@ -60,6 +63,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--system-prompt", nargs="+", type=int, default=[32, 480])
+    parser.add_argument(
+        "--output-len", type=int, default=None, help="output tokens (default: the workload's)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prefix_caching.json")
     args = parser.parse_args()
     started = datetime.now(UTC).isoformat(timespec="seconds")
@@ -77,7 +83,7 @@ def main() -> None:
                     server.wait_healthy(300)
                     for prompt in args.system_prompt:
                         for c in args.concurrency:
-                            found = measure(server.url, chat_workload(prompt), c)
+                            found = measure(server.url, chat_workload(prompt, args.output_len), c)
                             row = {"round": round_, "prefix_caching": enabled, "system_prompt": prompt,
                                    "concurrency": c, **found}  # fmt: skip
                             print(json.dumps(row), flush=True)
