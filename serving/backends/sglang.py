@@ -94,6 +94,8 @@ class SGLangBackend(ExternalEngineBackend):
             "--log-level", config.server.log_level,
             "--enable-metrics",
         ]  # fmt: skip
+        if not config.cache.enable_prefix_caching:  # SGLang's radix cache is its prefix cache, on by default
+            args.append("--disable-radix-cache")
         if sched.queue_order == "priority":  # lower value first, as the builtin engine and vLLM
             args += ["--enable-priority-scheduling", "--schedule-low-priority-values-first"]
         tokenizer = tokenizer_location(config)

@@ -101,6 +101,7 @@ class VLLMBackend(ExternalEngineBackend):
             "--scheduling-policy", sched.queue_order,
             "--enable-chunked-prefill" if sched.chunked_prefill else "--no-enable-chunked-prefill",
             "--block-size", str(config.cache.block_size),
+            "--enable-prefix-caching" if config.cache.enable_prefix_caching else "--no-enable-prefix-caching",
             "--kv-cache-memory-bytes", str(kv_cache_bytes_per_rank(config)),
             "--host", config.server.host,
             "--port", str(port),

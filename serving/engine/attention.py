@@ -9,9 +9,9 @@ never the config, because a tensor-parallel rank sees only its share of the head
 Backends (config.attention), all giving the same greedy tokens:
 - eager: reference math, one sequence at a time: gather its K/V, matmul, causal mask, softmax, matmul.
 - sdpa: torch SDPA over a padded [sequences, max query, max context] batch with enable_gqa and a mask.
-- paged: decode rows read K/V straight through their block tables (one batched SDPA over whole blocks,
-  masked by length); prefill rows form their own padded batch, so decodes never pay for prompt padding.
-  No per-sequence loops.
+- paged: decode rows gather exactly their context slots (one index_select, no per-block padding) into one
+  SDPA with the query heads of each KV head stacked as its queries (masked only when lengths differ);
+  prefill rows form their own padded batch, so decodes never pay for prompt padding. No per-sequence loops.
 Metadata tensors are built once per step (metadata.py) and reused by every layer.
 """
 
@@ -102,11 +102,21 @@ def _padded_sdpa(
 ) -> torch.Tensor:
     """SDPA over the rows `pad` gathers into [B, max query, max context]; the real rows as [N, H, D]."""
     num_heads, head_dim = query.shape[1], query.shape[3]
-    q = query[0].transpose(0, 1)[pad.query_index].transpose(1, 2)  # [B, H, Qmax, D]
-    k = k_cache[pad.key_slots].transpose(1, 2)  # [B, KVH, Lmax, D]
-    v = v_cache[pad.key_slots].transpose(1, 2)
+    batch, qmax = pad.query_index.shape
+    q = query[0].transpose(0, 1).index_select(0, pad.query_index.view(-1))
+    q = q.view(batch, qmax, num_heads, head_dim).transpose(1, 2)  # [B, H, Qmax, D]
+    k = _gather(k_cache, pad.key_slots)  # [B, KVH, Lmax, D]
+    v = _gather(v_cache, pad.key_slots)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.mask, scale=scaling, enable_gqa=True)
     return o.transpose(1, 2).reshape(-1, num_heads, head_dim).index_select(0, pad.output_index)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[B, L] slots of a [slots, KVH, D] cache as [B, KVH, L, D]: one index_select over the flat slots
+    (advanced indexing with a 2-D index runs many times slower on the CPU)."""
+    batch, length = slots.shape
+    rows = cache.index_select(0, slots.view(-1))
+    return rows.view(batch, length, cache.shape[1], cache.shape[2]).transpose(1, 2)
 
 
 def paged_attention(
@@ -119,23 +129,24 @@ def paged_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Decode rows (first in the batch) through block tables; prefill rows as their own padded batch."""
+    """Decode rows (first in the batch) through their context slots; prefill rows as a padded batch.
+
+    A decode row's one query attends to its whole context, so the query heads sharing a KV head are
+    stacked as that KV head's queries ([Bd, KVH, group, D]): one plain SDPA, no GQA expansion of K/V.
+    """
     meta, k_cache, v_cache = _cached_kv(module, kwargs, key, value)
     paged = meta.paged_batch()
-    num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
-    block_size = meta.block_size
+    num_heads, head_dim = query.shape[1], query.shape[3]
+    num_kv_heads = k_cache.shape[1]
     parts: list[torch.Tensor] = []
     num_decode = paged.num_decode
     if num_decode:
-        q = query[0, :, :num_decode].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-        blocks = paged.decode_block_tables  # [Bd, max blocks]
-        k = k_cache.view(-1, block_size, num_kv_heads, head_dim)[blocks]  # [Bd, nb, bs, KVH, D]
-        v = v_cache.view(-1, block_size, num_kv_heads, head_dim)[blocks]
-        k = k.flatten(1, 2).transpose(1, 2)  # [Bd, KVH, nb*bs, D]
-        v = v.flatten(1, 2).transpose(1, 2)
-        mask = paged.decode_mask
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        parts.append(o.squeeze(2))  # [Bd, H, D]
+        q = query[0, :, :num_decode].transpose(0, 1)  # [Bd, H, D]
+        q = q.reshape(num_decode, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        k = _gather(k_cache, paged.decode_slots)  # [Bd, KVH, L, D]
+        v = _gather(v_cache, paged.decode_slots)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=paged.decode_mask, scale=scaling)
+        parts.append(o.reshape(num_decode, num_heads, head_dim))
     if paged.prefill is not None:
         parts.append(_padded_sdpa(query, k_cache, v_cache, paged.prefill, scaling))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

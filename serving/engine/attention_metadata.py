@@ -35,10 +35,11 @@ class PagedBatch:
 
     num_decode: int
     """Leading rows (and tokens) that decode one token."""
-    decode_block_tables: torch.Tensor
-    """[num_decode, max blocks] block ids (padding 0, masked)."""
-    decode_mask: torch.Tensor
-    """[num_decode, 1, 1, max blocks * block_size] True for positions < context length."""
+    decode_slots: torch.Tensor
+    """[num_decode, longest context] cache slot of every context position (padding: slot 0, masked)."""
+    decode_mask: torch.Tensor | None
+    """[num_decode, 1, 1, longest context] True for positions < the row's context length; None when
+    every decode row has the longest context (batch 1, equal lengths), so SDPA runs unmasked."""
     prefill: PaddedBatch | None
     """The remaining rows, or None when every row decodes."""
 
@@ -100,16 +101,18 @@ def _paged(
     block_tables: torch.Tensor, starts: list[int], qlens: list[int], block_size: int, num_decode: int
 ) -> PagedBatch:
     contexts = [s + 1 for s in starts[:num_decode]]
-    nblocks = -(-max(contexts) // block_size) if num_decode else 0
-    span = torch.arange(nblocks * block_size)
-    decode_mask = (span[None, :] < torch.tensor(contexts, dtype=torch.long)[:, None]).view(
-        num_decode, 1, 1, nblocks * block_size
-    )
+    longest = max(contexts, default=0)
+    j = torch.arange(longest)
+    decode_slots = block_tables[:num_decode, j // block_size] * block_size + j % block_size
+    decode_mask = None
+    if any(c != longest for c in contexts):
+        ctx = torch.tensor(contexts, dtype=torch.long)
+        decode_mask = (j[None, :] < ctx[:, None]).view(num_decode, 1, 1, longest)
     prefill = None
     if num_decode < len(starts):
         rest = slice(num_decode, None)
         prefill = _padded(block_tables[rest], starts[rest], qlens[rest], block_size, first_token=num_decode)
-    return PagedBatch(num_decode, block_tables[:num_decode, :nblocks], decode_mask, prefill)
+    return PagedBatch(num_decode, decode_slots, decode_mask, prefill)
 
 
 def build_metadata(
@@ -149,9 +152,8 @@ def build_metadata(
         prefill = paged.prefill
         if prefill is not None:
             prefill = _move_padded(prefill, device)
-        paged = PagedBatch(
-            num_decode, _to(paged.decode_block_tables, device), _to(paged.decode_mask, device), prefill
-        )
+        mask = None if paged.decode_mask is None else _to(paged.decode_mask, device)
+        paged = PagedBatch(num_decode, _to(paged.decode_slots, device), mask, prefill)
     return AttentionMetadata(
         kv_caches=kv_caches,
         block_size=block_size,

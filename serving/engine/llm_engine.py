@@ -54,7 +54,9 @@ class LLMEngine:
                 f"blocks of {block_size} tokens, fewer than the {needed} one request of model.max_model_len="
                 f"{self.max_model_len} needs: raise cache.kv_cache_memory_gb or lower model.max_model_len"
             )
-        self.block_manager = BlockManager(self.num_blocks, block_size)
+        self.block_manager = BlockManager(
+            self.num_blocks, block_size, prefix_caching=config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             config.scheduler,
             self.block_manager,

@@ -10,6 +10,8 @@ Policies (config.scheduler.policy):
 - continuous: iteration level (Orca): after every step finished sequences leave and waiting ones join,
   within max_num_seqs and max_num_batched_tokens; with chunked_prefill a long prompt is split across steps.
 When blocks run out, new requests wait and running ones are preempted (blocks freed, recomputed later).
+With cache.enable_prefix_caching, an admitted request first shares the cached blocks of its longest cached
+prefix (block_manager.match_prefix) and computes only the rest; a preempted one finds its own blocks again.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         """Hold blocks: decoding or part-way through a chunked prefill."""
         self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0
+        """Tokens of admitted sequences (counted at each admission): the prefix cache's lookups."""
+        self.num_prefix_hit_tokens = 0
+        """Of those, tokens found in the prefix cache (not computed again)."""
         self._seqs: dict[str, Sequence] = {}
 
     # --- queue state ---------------------------------------------------------------------------
@@ -172,14 +178,17 @@ class Scheduler:
         queue = self._admission_queue()
         while queue and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = queue[0]
+            hit = self.block_manager.match_prefix(seq)
             n = seq.num_uncomputed_tokens
-            if n > budget:
-                if not self.config.chunked_prefill:
-                    break
+            if n > budget and self.config.chunked_prefill:
                 n = budget
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+            if n > budget or not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                self.block_manager.free(seq)  # undo the prefix match: it waits holding nothing
+                seq.num_computed_tokens = 0
                 break
             queue.pop(0)
+            self.num_prefix_query_tokens += seq.num_tokens
+            self.num_prefix_hit_tokens += hit
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._take(out, seq, n)
@@ -236,6 +245,7 @@ class Scheduler:
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_tokens
+            self.block_manager.cache_computed(seq)
             if not item.sample:
                 continue
             token = next(tokens)

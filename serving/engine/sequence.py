@@ -35,6 +35,10 @@ class Sequence:
     """Tokens whose K/V sit in the cache; reset to 0 on preemption (recompute)."""
     block_table: list[int] = field(default_factory=list)
     """KV block ids in token order: token i lives in block_table[i // block_size]."""
+    num_cached_blocks: int = 0
+    """Leading blocks of block_table that are in the prefix cache (shared or put there by this sequence)."""
+    block_keys: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of the full blocks of token_ids hashed so far (a function of the tokens alone)."""
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
 

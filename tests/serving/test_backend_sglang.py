@@ -42,6 +42,7 @@ DOCUMENTED: dict[str, tuple[str, ...] | None] = {
     "--schedule-low-priority-values-first": (),
     "--page-size": None,
     "--max-total-tokens": None,
+    "--disable-radix-cache": (),
     "--attention-backend": ("triton", "torch_native", "flex_attention", "flashinfer", "fa3", "intel_amx"),
     "--device": ("cuda", "xpu", "hpu", "npu", "cpu", "musa"),
     "--host": None,
@@ -92,6 +93,7 @@ CONFIGS = [
     {"parallel.tp": 2, "parallel.pp": 2, "parallel.dp": 2, "parallel.dp_routing": "round_robin"},
     {"scheduler.chunked_prefill": True, "scheduler.queue_order": "priority", "attention": "sdpa"},
     {"device": "cpu", "precision.dtype": "bfloat16", "cache.block_size": 64, "model.tokenizer": "llama-57m"},
+    {"cache.enable_prefix_caching": False},
 ]
 
 
@@ -139,6 +141,12 @@ def test_chunked_prefill_off_is_minus_one() -> None:
     flags = parse(SGLangBackend(extra=[]).command(sglang_config(), 30001)[3:])
     assert flags["--chunked-prefill-size"] == "-1"
     assert "--attention-backend" not in flags and "--device" not in flags
+    assert "--disable-radix-cache" not in flags  # prefix caching on: SGLang's own default
+
+
+def test_prefix_caching_off_disables_the_radix_cache() -> None:
+    config = sglang_config(**{"cache.enable_prefix_caching": False})
+    assert "--disable-radix-cache" in parse(SGLangBackend(extra=[]).command(config, 30001)[3:])
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,13 @@ def test_chunked_prefill_off_is_explicit() -> None:
     assert "--no-enable-chunked-prefill" in argv and "--enable-chunked-prefill" not in argv
 
 
+def test_prefix_caching_is_explicit_both_ways() -> None:
+    on = VLLMBackend(extra=[]).command(vllm_config(), 8000)
+    assert "--enable-prefix-caching" in on and "--no-enable-prefix-caching" not in on
+    off = VLLMBackend(extra=[]).command(vllm_config(**{"cache.enable_prefix_caching": False}), 8000)
+    assert "--no-enable-prefix-caching" in off and "--enable-prefix-caching" not in off
+
+
 def test_python_and_extra_args_come_from_the_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVING_VLLM_PYTHON", "/opt/vllm/bin/python")  # the machine's default location
     argv = VLLMBackend().command(vllm_config(engine_args="--enforce-eager --max-log-len 10"), 8000)

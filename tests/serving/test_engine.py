@@ -173,3 +173,28 @@ def test_abort_frees_blocks(model: torch.nn.Module, prompts: list[list[int]]) ->
     assert eng.abort("x") is None
     eng.abort("y")
     assert eng.stats().kv_blocks_used == 0 and not eng.has_unfinished()
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(prompts: list[list[int]]) -> list[list[int]]:
+    """A 20-token system prompt (two full blocks of 8) before each user turn; one turn is repeated."""
+    system = prompts[3][:20]
+    turns = [prompts[0], prompts[1], prompts[2][:12], prompts[1], prompts[5][:4]]
+    return [system + turn for turn in turns]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "paged"])
+def test_prefix_caching_keeps_greedy_tokens(
+    model: torch.nn.Module, hf_model: torch.nn.Module, chat_prompts: list[list[int]], attention: str
+) -> None:
+    expected = hf_generate(hf_model, chat_prompts, MAX_TOKENS)
+    outputs: dict[bool, list[list[int]]] = {}
+    for enabled in (False, True):
+        eng = engine(model, {"attention": attention, "cache.enable_prefix_caching": enabled})
+        first = eng.generate(chat_prompts[:2], GREEDY)  # admitted together: they fill the cache
+        outputs[enabled] = first + eng.generate(chat_prompts[2:], GREEDY)
+        assert eng.stats().kv_blocks_used == 0
+        hits = eng.scheduler.num_prefix_hit_tokens
+        # 16 system tokens (two full blocks) for each later prompt; the repeat (25 tokens) finds 3 blocks
+        assert hits == (16 + 24 + 16 if enabled else 0)
+    assert outputs[True] == outputs[False] == expected

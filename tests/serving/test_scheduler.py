@@ -33,12 +33,13 @@ def make(
     max_model_len: int = 256,
     eos: tuple[int, ...] = (),
     clock: Clock | None = None,
+    prefix_caching: bool = False,
     **config: Any,
 ) -> Scheduler:
     cfg = SchedulerConfig(**{"max_num_batched_tokens": 256, "max_num_seqs": 8, **config})
     return Scheduler(
         cfg,
-        BlockManager(num_blocks, block_size),
+        BlockManager(num_blocks, block_size, prefix_caching=prefix_caching),
         max_model_len=max_model_len,
         eos_token_ids=eos,
         clock=clock or Clock(),
@@ -205,6 +206,31 @@ def test_new_requests_wait_when_blocks_run_out() -> None:
     add(s, "b", 8, max_tokens=2)
     assert names(step(s)) == ["a"]  # b needs 2 blocks, only 1 is free
     run_all(s)
+
+
+@pytest.mark.parametrize("policy", ["request", "static", "continuous"])
+def test_a_cached_prefix_is_not_computed_again(policy: str) -> None:
+    s = make(policy=policy, block_size=4, prefix_caching=True, batch_wait_ms=0)
+    add(s, "a", 10)
+    run_all(s)
+    b = add(s, "b", 10)
+    first = step(s).scheduled
+    assert [(x.seq, x.start, x.num_tokens) for x in first] == [(b, 8, 2)]  # two cached blocks of four
+    run_all(s)
+    assert (s.num_prefix_hit_tokens, s.num_prefix_query_tokens) == (8, 20)
+
+
+def test_an_admission_that_does_not_fit_holds_no_shared_blocks() -> None:
+    s = make(policy="continuous", num_blocks=5, block_size=4, prefix_caching=True)
+    add(s, "a", 9, max_tokens=1)
+    run_all(s)  # a's two full blocks stay cached, unheld
+    add(s, "long", 4, max_tokens=60)
+    step(s)
+    b = add(s, "b", 17, max_tokens=1)  # hits 8 tokens, then needs 3 more blocks
+    out = step(s)  # long's decode takes a second block: of 5, 1 is left beside b's 2 cached ones
+    assert [x.seq.request_id for x in out.scheduled] == ["long"]
+    assert b.block_table == [] and b.num_computed_tokens == 0
+    assert s.block_manager.num_used_blocks == 2 and s.block_manager.num_free_blocks == 3
 
 
 def test_finish_reasons() -> None:
