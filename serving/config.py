@@ -159,9 +159,25 @@ class ServerConfig:
     """TCP port; 0 picks a free one."""
     log_level: str = "warning"
     """uvicorn log level."""
+    max_waiting: int | None = 256
+    """Most generation requests admitted beyond those the engine runs at once (parallel.dp x
+    scheduler.max_num_seqs; one per replica under scheduler.policy=request). One more is refused at once
+    with 429 and Retry-After, before its body is read, so a flood costs no memory. null: unbounded."""
+    request_timeout_s: float | None = None
+    """Deadline of one generation request from its arrival: past it the request is aborted (its KV
+    blocks freed) and answered 504, or ends with an error event once streaming. null: none."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", self.port, "use 0-65535")
+        if self.max_waiting is not None:
+            _require(self.max_waiting >= 0, "server.max_waiting", self.max_waiting, "use >= 0, or null")
+        if self.request_timeout_s is not None:
+            _require(
+                self.request_timeout_s > 0,
+                "server.request_timeout_s",
+                self.request_timeout_s,
+                "use a positive number of seconds, or null",
+            )
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.config import DeploymentConfig
 from serving.engine.client import EngineClient
 from serving.engine.sampling_params import SamplingParams
 from serving.server import errors
+from serving.server.admission import Admission, AdmissionMiddleware
 from serving.server.errors import APIError
 from serving.server.generation import (
     Completion,
+    DeadlineExceeded,
     GenerationJob,
     TokenEvent,
     generate_completion,
@@ -69,8 +72,9 @@ T = TypeVar("T")
 class ServerState:
     """What the routes share: the engine, its tokenizer and the HTTP metrics."""
 
-    def __init__(self, engine: EngineClient, metrics: HTTPMetrics) -> None:
+    def __init__(self, engine: EngineClient, metrics: HTTPMetrics, config: DeploymentConfig) -> None:
         self.engine = engine
+        self.request_timeout_s = config.server.request_timeout_s
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
@@ -110,15 +114,19 @@ class ServerState:
             priority=req.priority,
             stop=req.stop_strings,
             include_stop=req.include_stop_str_in_output,
+            deadline=None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s,
         )
 
 
-def build_app(engine: EngineClient) -> FastAPI:
-    """An app serving `engine`, which must already be started."""
+def build_app(engine: EngineClient, config: DeploymentConfig | None = None) -> FastAPI:
+    """An app serving `engine`, which must already be started; `config` (default: the defaults) gives
+    the server section's limits."""
+    config = config or DeploymentConfig()
     metrics = HTTPMetrics(ROUTES)
-    state = ServerState(engine, metrics)
+    state = ServerState(engine, metrics, config)
     app = FastAPI(title="serving", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = state
+    app.add_middleware(AdmissionMiddleware, admission=Admission.from_config(config, metrics.registry))
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(APIError, errors.handle_api_error)
     app.add_exception_handler(StarletteHTTPException, errors.handle_http_exception)
@@ -266,6 +274,13 @@ def _as_api_error(err: BaseException) -> BaseException:
     """ValueError from the engine is a request it refused: a 400, not a 500."""
     if isinstance(err, ValueError) and not isinstance(err, APIError):
         return APIError(str(err), code="invalid_value")
+    if isinstance(err, DeadlineExceeded):
+        return APIError(
+            "The request did not finish within server.request_timeout_s and was aborted",
+            status=504,
+            type="timeout_error",
+            code="request_timeout",
+        )
     return err
 
 

@@ -102,7 +102,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal, sock: socket.socket) -> int:
     uv_config = uvicorn.Config(
-        build_app(engine),
+        build_app(engine, config),
         host=config.server.host,
         port=config.server.port,
         log_level=config.server.log_level,
