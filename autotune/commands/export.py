@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 
 from autotune.commands.session import start
+from autotune.config.redact import redact_url
 from autotune.report.export import NoSelection, select, write_best
 from autotune.report.results import load_records
 from autotune.study.remeasure import remeasure_cached
@@ -39,7 +40,8 @@ def main(argv: Sequence[str]) -> int:
         study = optuna.load_study(study_name=ctx.name, storage=ctx.storage_url)
     except KeyError:
         print(
-            f"autotune export: no study {ctx.name!r} in {ctx.storage_url}; run `autotune run` first",
+            f"autotune export: no study {ctx.name!r} in {redact_url(ctx.storage_url)}; "
+            "run `autotune run` first",
             file=sys.stderr,
         )
         return 2

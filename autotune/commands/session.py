@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from autotune.config.compose import Invocation, UsageError, load_run, parse_args
+from autotune.config.redact import redact_text, redact_url
 from autotune.report.html import ReportFiles, write_report
 from autotune.report.results import TrialRecord
 from autotune.study.context import StudyContext, build_context
@@ -58,7 +59,7 @@ class Session:
 
     @property
     def resolved_yaml(self) -> str:
-        return OmegaConf.to_yaml(self.cfg)
+        return redact_text(OmegaConf.to_yaml(self.cfg))
 
 
 def start(argv: Sequence[str], usage: str) -> Session | int:
@@ -70,11 +71,11 @@ def start(argv: Sequence[str], usage: str) -> Session | int:
             return 0
         cfg, settings = load_run(invocation)
         if invocation.print_config:
-            print(OmegaConf.to_yaml(cfg), end="")
+            print(redact_text(OmegaConf.to_yaml(cfg)), end="")
             return 0
         ctx = build_context(settings)
     except (UsageError, ConfigError, ValueError) as err:
-        print(f"autotune: {err}", file=sys.stderr)
+        print(f"autotune: {redact_text(str(err))}", file=sys.stderr)
         return 2
     return Session(invocation, cfg, ctx)
 
@@ -101,7 +102,7 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
         "arrival": _yaml(s.arrival),
         "slo": _yaml(s.slo),
         "capacity": _yaml(s.capacity) if ctx.traffic.capacity else "off (fixed load only)",
-        "storage": ctx.storage_url,
+        "storage": redact_url(ctx.storage_url),
     }
 
 

@@ -9,12 +9,11 @@ middleware: the slot is held until the response's last byte (a stream's end) or 
 
 from __future__ import annotations
 
-import json
-
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import DeploymentConfig
+from serving.server.errors import APIError
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 RETRY_AFTER_S = 1
@@ -72,7 +71,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if not self.admission.try_enter():
-            await _refuse(send, self.admission.limit or 0)
+            await _full(self.admission.limit or 0).send(send, {"retry-after": str(RETRY_AFTER_S)})
             return
         try:
             await self.app(scope, receive, send)
@@ -80,17 +79,11 @@ class AdmissionMiddleware:
             self.admission.leave()
 
 
-async def _refuse(send: Send, limit: int) -> None:
-    message = (
+def _full(limit: int) -> APIError:
+    return APIError(
         f"The server is full: {limit} requests are running or waiting (server.max_waiting plus what the "
-        f"engine runs at once); retry after {RETRY_AFTER_S} s"
+        f"engine runs at once); retry after {RETRY_AFTER_S} s",
+        status=429,
+        type="server_overloaded",
+        code="too_many_requests",
     )
-    error = {"message": message, "type": "server_overloaded", "param": None, "code": "too_many_requests"}
-    body = json.dumps({"error": error}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(RETRY_AFTER_S).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

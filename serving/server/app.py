@@ -25,6 +25,7 @@ from serving.engine.client import EngineClient
 from serving.engine.sampling_params import SamplingParams
 from serving.server import errors
 from serving.server.admission import Admission, AdmissionMiddleware
+from serving.server.auth import APIKeyMiddleware
 from serving.server.errors import APIError
 from serving.server.generation import (
     Completion,
@@ -118,15 +119,19 @@ class ServerState:
         )
 
 
-def build_app(engine: EngineClient, config: DeploymentConfig | None = None) -> FastAPI:
+def build_app(
+    engine: EngineClient, config: DeploymentConfig | None = None, api_key: str | None = None
+) -> FastAPI:
     """An app serving `engine`, which must already be started; `config` (default: the defaults) gives
-    the server section's limits."""
+    the server section's limits; with `api_key` /v1/* needs it as a bearer token."""
     config = config or DeploymentConfig()
     metrics = HTTPMetrics(ROUTES)
     state = ServerState(engine, metrics, config)
     app = FastAPI(title="serving", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = state
     app.add_middleware(AdmissionMiddleware, admission=Admission.from_config(config, metrics.registry))
+    if api_key is not None:  # outside admission: a request without the key takes no slot
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(APIError, errors.handle_api_error)
     app.add_exception_handler(StarletteHTTPException, errors.handle_http_exception)

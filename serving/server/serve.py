@@ -18,6 +18,7 @@ from types import FrameType
 
 import uvicorn
 
+from serving.api_key import resolve_api_key
 from serving.config import ConfigError, DeploymentConfig
 from serving.engine.client import EngineClient
 from serving.server.app import build_app
@@ -65,12 +66,13 @@ def serve(config: DeploymentConfig) -> int:
     stop = _StopSignal()
     stop.install()
     configure_logging(config.server.log_level)
+    api_key = resolve_api_key(config)  # a redacted key without $SERVING_API_KEY fails before loading
     with bind_socket(config.server.host, config.server.port) as sock:
         engine = _load_engine(config)
         if stop.requested:
             log.info("stop requested during loading; exiting")
             return 0
-        code = _run(engine, config, stop, sock)
+        code = _run(engine, config, stop, sock, api_key)
     # The interpreter's final garbage collection walks every torch/transformers object (2-3 s on
     # this machine); freezing them skips that walk, so a stopped server exits at once.
     gc.freeze()
@@ -100,9 +102,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal, sock: socket.socket) -> int:
+def _run(
+    engine: EngineClient,
+    config: DeploymentConfig,
+    stop: _StopSignal,
+    sock: socket.socket,
+    api_key: str | None,
+) -> int:
     uv_config = uvicorn.Config(
-        build_app(engine, config),
+        build_app(engine, config, api_key),
         host=config.server.host,
         port=config.server.port,
         log_level=config.server.log_level,
