@@ -1,6 +1,7 @@
 """The OpenAI-compatible FastAPI app around one engine.
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize, /metrics.
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize, /metrics,
+and the schema: /openapi.json, /docs.
 Bodies are parsed by the protocol models (not FastAPI's body injection) so every bad input,
 including malformed JSON, gets the same OpenAI-style 4xx body. The engine's lifecycle (start,
 shutdown) belongs to the caller (serving.server.serve), not to this app.
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import DeploymentConfig
 from serving.engine.client import EngineClient
+from serving.engine.output_streams import EngineDeadError
 from serving.engine.sampling_params import SamplingParams
 from serving.server import errors
 from serving.server.admission import Admission, AdmissionMiddleware
@@ -36,6 +38,7 @@ from serving.server.generation import (
     generate_events,
 )
 from serving.server.http_metrics import HTTPMetrics, HTTPMetricsMiddleware
+from serving.server.openapi import install_openapi
 from serving.server.prompts import check_token_ids, encode_chat, encode_text, output_budget
 from serving.server.protocol import (
     ChatCompletionRequest,
@@ -63,6 +66,8 @@ ROUTES = (
     "/tokenize",
     "/detokenize",
     "/metrics",
+    "/openapi.json",
+    "/docs",
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -127,7 +132,8 @@ def build_app(
     config = config or DeploymentConfig()
     metrics = HTTPMetrics(ROUTES)
     state = ServerState(engine, metrics, config)
-    app = FastAPI(title="serving", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="serving", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    install_openapi(app)
     app.state.serving = state
     app.add_middleware(AdmissionMiddleware, admission=Admission.from_config(config, metrics.registry))
     if api_key is not None:  # outside admission: a request without the key takes no slot
@@ -279,6 +285,8 @@ def _as_api_error(err: BaseException) -> BaseException:
     """ValueError from the engine is a request it refused: a 400, not a 500."""
     if isinstance(err, ValueError) and not isinstance(err, APIError):
         return APIError(str(err), code="invalid_value")
+    if isinstance(err, EngineDeadError):
+        return APIError(f"The engine can no longer serve: {err}", status=503, type="server_error")
     if isinstance(err, DeadlineExceeded):
         return APIError(
             "The request did not finish within server.request_timeout_s and was aborted",
