@@ -109,7 +109,7 @@ def check_sqlite_file(url: str) -> None:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as err:
-        raise StorageError(f"study storage {path} cannot be read ({_why(err)}); {keep}") from None
+        raise storage_error(url, err) from None
     if tables and not tables >= OPTUNA_TABLES:
         shown = ", ".join(sorted(tables)[:5])
         raise StorageError(f"study storage {path} is another application's database (tables {shown}); {keep}")
@@ -120,7 +120,7 @@ def storage_error(url: str, err: BaseException) -> StorageError:
     why = _why(err)
     hint = "is the database server running and the URL right?"
     if "locked" in why:
-        hint = "another process holds it locked: wait for it, or use another study.storage"
+        hint = "another process holds it locked (it is left untouched): wait, or use another study.storage"
     elif "not a database" in why or "malformed" in why:
         hint = "the file is corrupt: move it away (it is left untouched), or use another study.storage"
     return StorageError(f"cannot open the study storage {redact_url(url)}: {why}; {hint}")
