@@ -56,7 +56,7 @@ def run_session(session: Session) -> int:
         interrupted = True
         records = load_records(study)
         print("\nautotune: interrupted; run the same command again to resume", file=sys.stderr)
-    files = finish(session, study, records, tracker, remeasure=not interrupted)
+    files = finish(session, study, records, tracker, remeasure=not interrupted, interrupted=interrupted)
     print_summary(session, files, tracker)
     return 130 if interrupted else 0
 

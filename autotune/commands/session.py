@@ -35,11 +35,16 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
 
     Yields the event both signals set. Python raises the KeyboardInterrupt wherever the main thread is,
     and a weakref or __del__ callback swallows it ("Exception ignored in ..."); the study loop watches
-    the event too, so such a signal still stops the trial.
+    the event too, so such a signal still stops the trial. Only the first signal raises: a second
+    Ctrl-C while the servers are being stopped (bounded: SIGKILL after the stop timeout) would abort
+    that stop halfway and leave a server running.
     """
     stop = threading.Event()
 
     def interrupt(signum: int, frame: object) -> None:
+        if stop.is_set():
+            print("autotune: still stopping the servers; this ends within seconds", file=sys.stderr)
+            return
         stop.set()
         raise KeyboardInterrupt
 
@@ -113,9 +118,10 @@ def finish(
     tracker: Tracker | None,
     *,
     remeasure: bool = True,
+    interrupted: bool = False,
 ) -> ReportFiles:
     """Report, best.yaml (the selection re-measured first, unless `remeasure` is off) and the tracking
-    parent run's files."""
+    parent run's files (ended as killed when the run was `interrupted`)."""
     ctx = session.ctx
     output = ctx.settings.export.output
     best_path = Path(output).resolve() if output else None
@@ -136,5 +142,5 @@ def finish(
     config_path = ctx.run_dir / "config.yaml"
     config_path.write_text(session.resolved_yaml)
     if tracker is not None:
-        tracker.finalize(records, files.front, [config_path, *files.all()])
+        tracker.finalize(records, files.front, [config_path, *files.all()], interrupted)
     return files
