@@ -39,6 +39,8 @@ BASE = {
     "cache.kv_cache_memory_gb": 0.05,
     "server.port": 0,
 }
+ERRORS: list[str] = []
+"""The ends of bodies that carried an error event, reported with the soak's result."""
 WARMUP_FRACTION = 0.1
 """Resident memory is compared from the end of warm-up (allocator pools, torch caches filled) to the end."""
 
@@ -85,11 +87,19 @@ async def one(session: aiohttp.ClientSession, url: str, path: str, body: dict[st
             data = await reply.read()
             if body["stream"] and not data.rstrip().endswith(b"data: [DONE]"):
                 return "truncated"
-            if b'"error"' in data:
+            if _has_error(data, body["stream"]):
+                ERRORS.append(data[-600:].decode(errors="replace"))
                 return "error_event"
             return "ok"
     except (aiohttp.ClientError, TimeoutError) as err:
         return type(err).__name__
+
+
+def _has_error(data: bytes, stream: bool) -> bool:
+    """An error event (`data: {"error": ...}`) or an error body; a token whose text is `error` is not."""
+    if stream:
+        return any(line.startswith(b'data: {"error"') for line in data.splitlines())
+    return "error" in json.loads(data)
 
 
 async def soak(url: str, pid: int, requests: int, concurrency: int, seed: int) -> dict[str, Any]:
@@ -137,6 +147,7 @@ async def soak(url: str, pid: int, requests: int, concurrency: int, seed: int) -
         "kv_blocks_used_after": used,
         "rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
         "rss_growth_after_warmup_pct": round(100 * growth, 2),
+        "error_samples": ERRORS[:5],
         "pass": ok,
     }
 
