@@ -144,6 +144,7 @@ def _read_yaml(path: Path) -> DeploymentConfig:
 
 def run_deployment(config: DeploymentConfig) -> int:
     """Builtin: serve in this process. Other backends: replace this process by their server command."""
+    from serving.api_key import resolve_api_key
     from serving.backends import get_backend
 
     backend = get_backend(config.backend)
@@ -153,7 +154,7 @@ def run_deployment(config: DeploymentConfig) -> int:
 
         return serve(config)
     command = backend.command(config, config.server.port)
-    env = {**os.environ, **backend.env(config, None)}
+    env = backend.process_env(config, None, os.environ, resolve_api_key(config))
     print(f"serving: starting {config.backend}: {' '.join(command)}", file=sys.stderr, flush=True)
     os.execvpe(command[0], command, env)
 

@@ -7,7 +7,6 @@ Unknown keys are rejected by name, because a misspelled knob in a tuner is a sil
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import shlex
 import types
 import typing
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from serving.dotted import closest_key, flatten, unknown_key_message  # noqa: F401 (re-exported)
 
 SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
 """Model configs shipped with the package, addressable by bare name (`model.path: llama-57m`)."""
@@ -31,6 +32,12 @@ QueueOrder = Literal["fcfs", "priority", "sjf"]
 DpRouting = Literal["least_outstanding", "round_robin"]
 AllReduce = Literal["auto", "shm", "process_group"]
 Device = Literal["auto", "cpu", "cuda"]
+
+API_KEY_ENV = "SERVING_API_KEY"
+"""Where a server finds its API key when server.api_key is null or redacted."""
+REDACTED = "<redacted>"
+"""What every stored or shown form of a DeploymentConfig holds in place of a secret."""
+SECRET_KEYS = frozenset({"server.api_key"})
 
 
 class ConfigError(ValueError):
@@ -163,9 +170,33 @@ class ServerConfig:
     """TCP port; 0 picks a free one."""
     log_level: str = "warning"
     """uvicorn log level."""
+    max_waiting: int | None = 256
+    """Most generation requests admitted beyond those the engine runs at once (parallel.dp x
+    scheduler.max_num_seqs; one per replica under scheduler.policy=request). One more is refused at once
+    with 429 and Retry-After, before its body is read, so a flood costs no memory. null: unbounded. The
+    builtin server's bound: an external engine (vllm, sglang) queues as it does."""
+    request_timeout_s: float | None = None
+    """Deadline of one generation request from its arrival: past it the request is aborted (its KV
+    blocks freed) and answered 504, or ends with an error event once streaming. null: none."""
+
+    api_key: str | None = None
+    """Clients must send `Authorization: Bearer <key>` to /v1/* (the OpenAI client's convention). null:
+    $SERVING_API_KEY when set, else no key. A secret: every stored or shown form (MLflow params,
+    best.yaml, logs) holds '<redacted>', which a server reads back as $SERVING_API_KEY."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", self.port, "use 0-65535")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("server.api_key is empty: give a key, or null for none")
+        if self.max_waiting is not None:
+            _require(self.max_waiting >= 0, "server.max_waiting", self.max_waiting, "use >= 0, or null")
+        if self.request_timeout_s is not None:
+            _require(
+                self.request_timeout_s > 0,
+                "server.request_timeout_s",
+                self.request_timeout_s,
+                "use a positive number of seconds, or null",
+            )
 
 
 @dataclass(frozen=True)
@@ -228,16 +259,7 @@ class DeploymentConfig:
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> DeploymentConfig:
         """Build from dotted keys (`scheduler.max_num_seqs: 8`), as search spaces and MLflow params use."""
-        nested: dict[str, Any] = {}
-        for key, value in flat.items():
-            node = nested
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"{key}: {part} is a value, not a section")
-            node[leaf] = value
-        return cls.from_dict(nested)
+        return cls.from_dict(nest(flat))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DeploymentConfig:
@@ -254,21 +276,27 @@ class DeploymentConfig:
             raise ConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain values, secrets redacted: what is stored or shown (the live key stays in the
+        object, e.g. config.server.api_key)."""
+        return nest(self.to_flat())
 
     def to_flat(self) -> dict[str, Any]:
-        """Dotted keys to plain values: the MLflow params of a trial."""
-        return flatten(self.to_dict())
+        """Dotted keys to plain values, secrets redacted: the MLflow params of a trial."""
+        flat = flatten(dataclasses.asdict(self))
+        for key in SECRET_KEYS:
+            if flat[key] is not None:
+                flat[key] = REDACTED
+        return flat
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, **flat_overrides: Any) -> DeploymentConfig:
         """A copy with dotted-key overrides applied (`cfg.replace(**{"parallel.tp": 2})`)."""
-        flat = self.to_flat()
+        flat = flatten(dataclasses.asdict(self))  # secrets kept: the copy serves with the same key
         for key in flat_overrides:
             if key not in flat:
-                raise ConfigError(_unknown_key_message(key, flat))
+                raise ConfigError(unknown_key_message(key, flat))
         flat.update(flat_overrides)
         return DeploymentConfig.from_flat(flat)
 
@@ -276,36 +304,23 @@ class DeploymentConfig:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys as nested mappings ({"a.b": 1} -> {"a": {"b": 1}})."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is a value, not a section")
+        node[leaf] = value
+    return nested
+
+
 def _require(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}")
-
-
-def flatten(node: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested mappings as dotted keys to leaf values ({"a": {"b": 1}} -> {"a.b": 1})."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Mapping[str, Any]) -> None:
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(f"{prefix}{key}.", value)
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk("", node)
-    return flat
-
-
-def closest_key(key: str, known: typing.Iterable[str]) -> str | None:
-    """The known key a misspelled `key` most likely meant, for "did you mean" hints (None: none close)."""
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return close[0] if close else None
-
-
-def _unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
-    close = closest_key(key, known)
-    hint = f"; did you mean {close!r}?" if close else ""
-    return f"unknown key {key!r}{hint} (known: {', '.join(sorted(known))})"
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
@@ -316,7 +331,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(_unknown_key_message(f"{prefix}{key}", [f"{prefix}{n}" for n in names]))
+            raise ConfigError(unknown_key_message(f"{prefix}{key}", [f"{prefix}{n}" for n in names]))
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -381,5 +396,5 @@ def check_field(key: str, value: Any) -> None:
     without building a whole config: search spaces check each choice where it is written."""
     types_by_key = field_types()
     if key not in types_by_key:
-        raise ConfigError(_unknown_key_message(key, types_by_key))
+        raise ConfigError(unknown_key_message(key, types_by_key))
     _coerce(types_by_key[key], value, key)

@@ -30,6 +30,7 @@ from types import TracebackType
 import httpx
 import psutil
 
+from serving.api_key import resolve_api_key
 from serving.backends import get_backend
 from serving.config import DeploymentConfig
 
@@ -103,7 +104,10 @@ class ServerProcess:
         command = self.backend.command(self.config, self.port, config_path=self.config_path)
         if self.cpus:
             command = _pin(command, self.cpus)
-        env = {**os.environ, **self.backend.env(self.config, self.cpus), **self.extra_env}
+        # exactly the config's key (null: none, even if this process has $SERVING_API_KEY): the tuner's
+        # traffic must reach its trial servers
+        key = None if self.config.server.api_key is None else resolve_api_key(self.config)
+        env = {**self.backend.process_env(self.config, self.cpus, os.environ, key), **self.extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             log.write(f"$ {' '.join(command)}\n".encode())

@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 
 from autotune.commands.session import start
+from autotune.config.redact import redact_url
 from autotune.report.export import NoSelection, select, write_best
 from autotune.report.results import load_records
 from autotune.study.remeasure import remeasure_cached
+from autotune.study.storage import StorageError, check_sqlite_file, storage_error
 from autotune.trial.machine import machine_info
 
 USAGE = """usage: autotune export [conf=NAME] [key=value ...]
@@ -36,10 +39,18 @@ def main(argv: Sequence[str]) -> int:
     try:
         if db != ctx.storage_url and not Path(db).exists():
             raise KeyError(ctx.name)
+        check_sqlite_file(ctx.storage_url)
         study = optuna.load_study(study_name=ctx.name, storage=ctx.storage_url)
+    except StorageError as err:
+        print(f"autotune export: {err}", file=sys.stderr)
+        return 2
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        print(f"autotune export: {storage_error(ctx.storage_url, err)}", file=sys.stderr)
+        return 2
     except KeyError:
         print(
-            f"autotune export: no study {ctx.name!r} in {ctx.storage_url}; run `autotune run` first",
+            f"autotune export: no study {ctx.name!r} in {redact_url(ctx.storage_url)}; "
+            "run `autotune run` first",
             file=sys.stderr,
         )
         return 2

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from autotune.commands.session import Session, finish, sigterm_as_interrupt, start
+from autotune.config.redact import redact_text, redact_url
 from autotune.report.html import ReportFiles
 from autotune.report.results import load_records
 from autotune.study.live import LiveView
@@ -40,7 +41,7 @@ def run_session(session: Session) -> int:
     try:
         study = open_study(ctx)
     except ValueError as err:
-        print(f"autotune: {err}", file=sys.stderr)
+        print(f"autotune: {redact_text(str(err))}", file=sys.stderr)
         return 2
     view = LiveView(
         ctx.objectives, mode=ctx.settings.study.live, parallel_trials=ctx.settings.study.parallel_trials
@@ -55,7 +56,7 @@ def run_session(session: Session) -> int:
         interrupted = True
         records = load_records(study)
         print("\nautotune: interrupted; run the same command again to resume", file=sys.stderr)
-    files = finish(session, study, records, tracker, remeasure=not interrupted)
+    files = finish(session, study, records, tracker, remeasure=not interrupted, interrupted=interrupted)
     print_summary(session, files, tracker)
     return 130 if interrupted else 0
 
@@ -71,7 +72,7 @@ def print_summary(session: Session, files: ReportFiles, tracker: Tracker | None)
     elif files.selection_error:
         print(f"no config exported: {files.selection_error}")
     print(f"report: {files.html}")
-    uri = tracker.uri if tracker is not None else None
+    uri = redact_url(tracker.uri) if tracker is not None else None
     if uri and uri.startswith(("http://", "https://")):
         print(f"MLflow: {uri}")  # a tracking server: its UI is already there
     elif uri:

@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from autotune.config.compose import Invocation, UsageError, load_run, parse_args
+from autotune.config.redact import redact_text, redact_url
 from autotune.report.html import ReportFiles, write_report
 from autotune.report.results import TrialRecord
 from autotune.study.context import StudyContext, build_context
@@ -34,11 +35,16 @@ def sigterm_as_interrupt() -> Iterator[threading.Event]:
 
     Yields the event both signals set. Python raises the KeyboardInterrupt wherever the main thread is,
     and a weakref or __del__ callback swallows it ("Exception ignored in ..."); the study loop watches
-    the event too, so such a signal still stops the trial.
+    the event too, so such a signal still stops the trial. Only the first signal raises: a second
+    Ctrl-C while the servers are being stopped (bounded: SIGKILL after the stop timeout) would abort
+    that stop halfway and leave a server running.
     """
     stop = threading.Event()
 
     def interrupt(signum: int, frame: object) -> None:
+        if stop.is_set():
+            print("autotune: still stopping the servers; this ends within seconds", file=sys.stderr)
+            return
         stop.set()
         raise KeyboardInterrupt
 
@@ -58,7 +64,7 @@ class Session:
 
     @property
     def resolved_yaml(self) -> str:
-        return OmegaConf.to_yaml(self.cfg)
+        return redact_text(OmegaConf.to_yaml(self.cfg))
 
 
 def start(argv: Sequence[str], usage: str) -> Session | int:
@@ -70,11 +76,11 @@ def start(argv: Sequence[str], usage: str) -> Session | int:
             return 0
         cfg, settings = load_run(invocation)
         if invocation.print_config:
-            print(OmegaConf.to_yaml(cfg), end="")
+            print(redact_text(OmegaConf.to_yaml(cfg)), end="")
             return 0
         ctx = build_context(settings)
     except (UsageError, ConfigError, ValueError) as err:
-        print(f"autotune: {err}", file=sys.stderr)
+        print(f"autotune: {redact_text(str(err))}", file=sys.stderr)
         return 2
     return Session(invocation, cfg, ctx)
 
@@ -101,7 +107,7 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
         "arrival": _yaml(s.arrival),
         "slo": _yaml(s.slo),
         "capacity": _yaml(s.capacity) if ctx.traffic.capacity else "off (fixed load only)",
-        "storage": ctx.storage_url,
+        "storage": redact_url(ctx.storage_url),
     }
 
 
@@ -112,9 +118,10 @@ def finish(
     tracker: Tracker | None,
     *,
     remeasure: bool = True,
+    interrupted: bool = False,
 ) -> ReportFiles:
     """Report, best.yaml (the selection re-measured first, unless `remeasure` is off) and the tracking
-    parent run's files."""
+    parent run's files (ended as killed when the run was `interrupted`)."""
     ctx = session.ctx
     output = ctx.settings.export.output
     best_path = Path(output).resolve() if output else None
@@ -135,5 +142,5 @@ def finish(
     config_path = ctx.run_dir / "config.yaml"
     config_path.write_text(session.resolved_yaml)
     if tracker is not None:
-        tracker.finalize(records, files.front, [config_path, *files.all()])
+        tracker.finalize(records, files.front, [config_path, *files.all()], interrupted)
     return files

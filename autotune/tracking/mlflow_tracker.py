@@ -213,7 +213,11 @@ class MlflowTracker(Tracker):
     # --- end of study ----------------------------------------------------------------------------
 
     def finalize(
-        self, records: Sequence[TrialRecord], front: Iterable[int], artifacts: Iterable[Path]
+        self,
+        records: Sequence[TrialRecord],
+        front: Iterable[int],
+        artifacts: Iterable[Path],
+        interrupted: bool = False,
     ) -> None:
         """Tag the front, log the study's summary metrics and files, close the parent run."""
         from mlflow.entities import Metric, RunStatus
@@ -234,7 +238,8 @@ class MlflowTracker(Tracker):
         for path in artifacts:
             if path.exists():
                 self.client.log_artifact(self.parent_id, str(path))
-        self.client.set_terminated(self.parent_id, status=RunStatus.to_string(RunStatus.FINISHED))
+        status = RunStatus.KILLED if interrupted else RunStatus.FINISHED
+        self.client.set_terminated(self.parent_id, status=RunStatus.to_string(status))
 
     def _log_text(self, run_id: str, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,12 @@ class Tracker(StudyObserver):
     """Where the records live (a tracking server's URL or a local store URI), printed in the summary."""
 
     def finalize(
-        self, records: Sequence[TrialRecord], front: Iterable[int], artifacts: Iterable[Path]
+        self,
+        records: Sequence[TrialRecord],
+        front: Iterable[int],
+        artifacts: Iterable[Path],
+        interrupted: bool = False,
     ) -> None:
-        """Tag the front, attach the study's files and close the study's record."""
+        """Tag the front, attach the study's files and close the study's record (as killed when the
+        run was interrupted: a resume reopens it)."""
         raise NotImplementedError

@@ -92,6 +92,16 @@ class ExternalEngineBackend(ServingBackend):
                 f"server.log_level={config.server.log_level!r}: {self.title}'s {self.log_level_flag} takes "
                 f"{', '.join(self.log_levels)}"
             )
+        if config.server.api_key is not None and self.api_key_env is None:
+            problems.append(
+                f"server.api_key: {self.title} takes its key only on its command line, where every local "
+                "user reads it; use null (and a proxy that checks keys) or backend=builtin/vllm"
+            )
+        if config.server.request_timeout_s is not None:
+            problems.append(
+                f"server.request_timeout_s={config.server.request_timeout_s}: {self.title} has no "
+                "per-request deadline; use null or backend=builtin"
+            )
         problems += self.engine_problems(config)
         if problems:
             raise ConfigError(f"backend {self.name!r} cannot honour: " + "; ".join(problems))

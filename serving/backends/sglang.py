@@ -43,6 +43,7 @@ class SGLangBackend(ExternalEngineBackend):
     extra_args_env = EXTRA_ARGS_ENV
     default_python = DEFAULT_PYTHON
     entrypoint = ENTRYPOINT
+    api_key_env = None
 
     title = "SGLang"
     log_levels = LOG_LEVELS

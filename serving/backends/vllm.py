@@ -48,6 +48,7 @@ class VLLMBackend(ExternalEngineBackend):
     extra_args_env = EXTRA_ARGS_ENV
     default_python = DEFAULT_PYTHON
     entrypoint = ENTRYPOINT
+    api_key_env = "VLLM_API_KEY"
 
     title = "vLLM"
     log_levels = UVICORN_LOG_LEVELS

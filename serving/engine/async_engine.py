@@ -70,8 +70,8 @@ class AsyncEngine(OutputStreams):
         self._fail_all(EngineDeadError("engine shut down"))
 
     def is_healthy(self) -> bool:
-        """False once the step loop has died (or was shut down)."""
-        if self._error is not None or self._stopping:
+        """False once the step loop has died (or was shut down), or the engine reports a failure."""
+        if self._error is not None or self._stopping or self.engine.failure() is not None:
             return False
         return self._thread is None or self._thread.is_alive()
 

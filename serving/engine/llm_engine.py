@@ -178,6 +178,10 @@ class LLMEngine:
     def close(self) -> None:
         """Release what the engine holds outside this process (a parallel engine's worker ranks)."""
 
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve although its step loop runs (a worker rank died), or None."""
+        return None
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_waiting=self.scheduler.num_waiting,

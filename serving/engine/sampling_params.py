@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+GREEDY_BELOW = 1e-5
+"""A temperature or top_p under this samples greedily (as vLLM's _SAMPLING_EPS for temperature), which
+is what either means in the limit: logits divided by 1e-320 are inf (softmax NaN), and a top_p that
+float32 rounds to 0 masks every token; either distribution would kill the step loop for the batch."""
 
 
 @dataclass(frozen=True)
@@ -25,11 +31,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} is invalid: use at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} is invalid: use >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(
+                f"temperature={self.temperature} is invalid: use a finite value >= 0 (0 is greedy)"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} is invalid: use a value in (0, 1]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW or self.top_p < GREEDY_BELOW

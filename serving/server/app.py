@@ -1,6 +1,7 @@
 """The OpenAI-compatible FastAPI app around one engine.
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize, /metrics.
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /tokenize, /detokenize, /metrics,
+and the schema: /openapi.json, /docs.
 Bodies are parsed by the protocol models (not FastAPI's body injection) so every bad input,
 including malformed JSON, gets the same OpenAI-style 4xx body. The engine's lifecycle (start,
 shutdown) belongs to the caller (serving.server.serve), not to this app.
@@ -20,18 +21,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.config import DeploymentConfig
 from serving.engine.client import EngineClient
+from serving.engine.output_streams import EngineDeadError
 from serving.engine.sampling_params import SamplingParams
 from serving.server import errors
+from serving.server.admission import Admission, AdmissionMiddleware
+from serving.server.auth import APIKeyMiddleware
 from serving.server.errors import APIError
 from serving.server.generation import (
     Completion,
+    DeadlineExceeded,
     GenerationJob,
     TokenEvent,
     generate_completion,
     generate_events,
 )
 from serving.server.http_metrics import HTTPMetrics, HTTPMetricsMiddleware
+from serving.server.openapi import install_openapi
 from serving.server.prompts import check_token_ids, encode_chat, encode_text, output_budget
 from serving.server.protocol import (
     ChatCompletionRequest,
@@ -59,6 +66,8 @@ ROUTES = (
     "/tokenize",
     "/detokenize",
     "/metrics",
+    "/openapi.json",
+    "/docs",
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -69,8 +78,9 @@ T = TypeVar("T")
 class ServerState:
     """What the routes share: the engine, its tokenizer and the HTTP metrics."""
 
-    def __init__(self, engine: EngineClient, metrics: HTTPMetrics) -> None:
+    def __init__(self, engine: EngineClient, metrics: HTTPMetrics, config: DeploymentConfig) -> None:
         self.engine = engine
+        self.request_timeout_s = config.server.request_timeout_s
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
@@ -110,15 +120,24 @@ class ServerState:
             priority=req.priority,
             stop=req.stop_strings,
             include_stop=req.include_stop_str_in_output,
+            deadline=None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s,
         )
 
 
-def build_app(engine: EngineClient) -> FastAPI:
-    """An app serving `engine`, which must already be started."""
+def build_app(
+    engine: EngineClient, config: DeploymentConfig | None = None, api_key: str | None = None
+) -> FastAPI:
+    """An app serving `engine`, which must already be started; `config` (default: the defaults) gives
+    the server section's limits; with `api_key` /v1/* needs it as a bearer token."""
+    config = config or DeploymentConfig()
     metrics = HTTPMetrics(ROUTES)
-    state = ServerState(engine, metrics)
-    app = FastAPI(title="serving", docs_url=None, redoc_url=None, openapi_url=None)
+    state = ServerState(engine, metrics, config)
+    app = FastAPI(title="serving", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    install_openapi(app)
     app.state.serving = state
+    app.add_middleware(AdmissionMiddleware, admission=Admission.from_config(config, metrics.registry))
+    if api_key is not None:  # outside admission: a request without the key takes no slot
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(APIError, errors.handle_api_error)
     app.add_exception_handler(StarletteHTTPException, errors.handle_http_exception)
@@ -266,6 +285,15 @@ def _as_api_error(err: BaseException) -> BaseException:
     """ValueError from the engine is a request it refused: a 400, not a 500."""
     if isinstance(err, ValueError) and not isinstance(err, APIError):
         return APIError(str(err), code="invalid_value")
+    if isinstance(err, EngineDeadError):
+        return APIError(f"The engine can no longer serve: {err}", status=503, type="server_error")
+    if isinstance(err, DeadlineExceeded):
+        return APIError(
+            "The request did not finish within server.request_timeout_s and was aborted",
+            status=504,
+            type="timeout_error",
+            code="request_timeout",
+        )
     return err
 
 

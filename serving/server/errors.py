@@ -6,12 +6,14 @@ Every failure leaves the server through `APIError`: one status, one body
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 
 class APIError(Exception):
@@ -38,6 +40,14 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+    async def send(self, send: Send, headers: dict[str, str] | None = None) -> None:
+        """Answer with this error from a pure ASGI middleware (before the app, so no body is read)."""
+        body = json.dumps(self.body()).encode()
+        raw = {"content-type": "application/json", "content-length": str(len(body)), **(headers or {})}
+        encoded = [(k.encode(), v.encode()) for k, v in raw.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": encoded})
+        await send({"type": "http.response.body", "body": body})
 
 
 def model_not_found(name: str, served: str) -> APIError:

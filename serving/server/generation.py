@@ -8,6 +8,7 @@ blocks are freed at once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class GenerationJob:
     priority: int = 0
     stop: tuple[str, ...] = ()
     include_stop: bool = False
+    deadline: float | None = None
+    """time.monotonic() by which the request must finish (server.request_timeout_s), or None."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request ran past its deadline; it was aborted in the engine."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,11 @@ async def generate_events(engine: EngineClient, job: GenerationJob) -> AsyncIter
     finished_in_engine = False
     outputs = engine.generate(job.request_id, job.prompt_token_ids, job.params, job.priority)
     try:
-        async for output in outputs:
+        while True:
+            try:
+                output = await _next_before(outputs, job.deadline)
+            except StopAsyncIteration:
+                break
             finished_in_engine = output.finished
             for event in state.events(output):
                 yield event
@@ -76,6 +87,17 @@ async def generate_events(engine: EngineClient, job: GenerationJob) -> AsyncIter
                 await close()
             if not finished_in_engine:
                 await engine.abort(job.request_id)
+
+
+async def _next_before(outputs: AsyncIterator[RequestOutput], deadline: float | None) -> RequestOutput:
+    """The next output, or DeadlineExceeded once `deadline` passes (the cancel scope spans no yield)."""
+    if deadline is None:
+        return await anext(outputs)
+    try:
+        with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            return await anext(outputs)
+    except TimeoutError:
+        raise DeadlineExceeded("the request ran past its deadline") from None
 
 
 async def generate_completion(engine: EngineClient, job: GenerationJob) -> Completion:

@@ -4,6 +4,10 @@ Order: bind the port (a taken port fails at once, before seconds of model loadin
 stop signal during loading ends the process with 0 once loading returns) -> engine.start() -> listen:
 uvicorn serves (it takes over SIGTERM/SIGINT and shuts down gracefully, letting
 in-flight requests finish for up to GRACEFUL_SHUTDOWN_S) -> engine.shutdown() -> exit code 0.
+
+An engine that can no longer serve (its step loop died, a rank or replica exited) turns /health to 503;
+DEAD_GRACE_S later the server shuts down and exits with EXIT_ENGINE_DEAD, in every layout, so a
+supervisor restarts it instead of keeping a server that only answers 503.
 """
 
 from __future__ import annotations
@@ -18,12 +22,21 @@ from types import FrameType
 
 import uvicorn
 
+from serving.api_key import resolve_api_key
 from serving.config import ConfigError, DeploymentConfig
 from serving.engine.client import EngineClient
+from serving.engine.distributed.process import EXIT_RANK_DIED
 from serving.server.app import build_app
 
 GRACEFUL_SHUTDOWN_S = 5
 """How long uvicorn waits for open responses before cancelling them (each cancel aborts its request)."""
+
+DEAD_GRACE_S = 1.0
+"""How long a dead engine's server keeps answering 503 (health probes see it, streams get their error
+event) before it exits."""
+HEALTH_WATCH_S = 0.1
+EXIT_ENGINE_DEAD = EXIT_RANK_DIED
+"""Exit code of a server whose engine can no longer serve (the one a dead rank's watchdog uses)."""
 
 log = logging.getLogger("serving")
 
@@ -65,12 +78,13 @@ def serve(config: DeploymentConfig) -> int:
     stop = _StopSignal()
     stop.install()
     configure_logging(config.server.log_level)
+    api_key = resolve_api_key(config)  # a redacted key without $SERVING_API_KEY fails before loading
     with bind_socket(config.server.host, config.server.port) as sock:
         engine = _load_engine(config)
         if stop.requested:
             log.info("stop requested during loading; exiting")
             return 0
-        code = _run(engine, config, stop, sock)
+        code = _run(engine, config, stop, sock, api_key)
     # The interpreter's final garbage collection walks every torch/transformers object (2-3 s on
     # this machine); freezing them skips that walk, so a stopped server exits at once.
     gc.freeze()
@@ -100,9 +114,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal, sock: socket.socket) -> int:
+def _run(
+    engine: EngineClient,
+    config: DeploymentConfig,
+    stop: _StopSignal,
+    sock: socket.socket,
+    api_key: str | None,
+) -> int:
     uv_config = uvicorn.Config(
-        build_app(engine),
+        build_app(engine, config, api_key),
         host=config.server.host,
         port=config.server.port,
         log_level=config.server.log_level,
@@ -114,26 +134,43 @@ def _run(engine: EngineClient, config: DeploymentConfig, stop: _StopSignal, sock
     stop.server = server
     loop_factory = uv_config.get_loop_factory()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(engine, server, stop, sock))
-    return 0
+        died = runner.run(_serve(engine, server, stop, sock))
+    return EXIT_ENGINE_DEAD if died else 0
 
 
 async def _serve(
     engine: EngineClient, server: uvicorn.Server, stop: _StopSignal, sock: socket.socket
-) -> None:
+) -> bool:
+    """Serve until a stop signal or the engine's death; True when the engine died."""
     await engine.start()
     try:
         if stop.requested:
-            return
+            return False
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:
             _announce(server, engine.model_name)
+        watch = asyncio.create_task(_watch_health(engine, server))
         await task
+        died = watch.done() and watch.result()
+        watch.cancel()
+        return died
     finally:
         await engine.shutdown()
         log.info("engine shut down")
+
+
+async def _watch_health(engine: EngineClient, server: uvicorn.Server) -> bool:
+    """Ends the server DEAD_GRACE_S after the engine stopped being healthy; True if it did."""
+    while not server.should_exit:
+        if not engine.is_healthy():
+            log.error("the engine can no longer serve: exiting with code %d", EXIT_ENGINE_DEAD)
+            await asyncio.sleep(DEAD_GRACE_S)
+            server.should_exit = True
+            return True
+        await asyncio.sleep(HEALTH_WATCH_S)
+    return False
 
 
 def _announce(server: uvicorn.Server, model_name: str) -> None:

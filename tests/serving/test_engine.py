@@ -134,6 +134,20 @@ def test_top_p_near_zero_is_greedy(
     assert engine(model).generate(prompts, narrow) == reference
 
 
+def test_extreme_sampling_values_never_kill_the_step(
+    model: torch.nn.Module, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    # found by fuzzing the server: a top_p float32 rounds to 0, or logits / 1e-320, gave a NaN
+    # distribution and torch.multinomial killed the step loop for every request
+    for temperature, top_p in ((1.0, 1e-320), (1e-320, 1.0), (1e-320, 1e-320)):
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, top_p=top_p)
+        assert engine(model).generate(prompts[:2], params) == reference[:2]
+    hot = SamplingParams(max_tokens=MAX_TOKENS, temperature=1e308, top_p=0.5, seed=1)
+    assert all(0 <= t < VOCAB for t in engine(model).generate(prompts[:1], hot)[0])
+    with pytest.raises(ValueError, match="temperature=inf"):
+        SamplingParams(max_tokens=1, temperature=float("inf"))
+
+
 def test_outputs_never_pass_max_model_len(model: torch.nn.Module, prompts: list[list[int]]) -> None:
     eng = engine(model, {"model.max_model_len": 70})
     long = SamplingParams(max_tokens=50, ignore_eos=True)

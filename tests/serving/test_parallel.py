@@ -8,6 +8,7 @@ on the same seeded weights; the scheduler lives on rank 0 only, so each policy g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -252,17 +253,30 @@ def _group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def health_until_exit(server: ServerProcess, timeout_s: float = 20.0) -> tuple[int | None, list[int]]:
+    """(exit code, distinct /health statuses in the order seen) while waiting for the server to exit."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=1.0) as client:
+        while server._proc is not None and server._proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                status = client.get(f"{server.url}/health").status_code
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+            time.sleep(0.05)
+    return (server._proc.poll() if server._proc is not None else None), seen
+
+
 def _kill_child_and_expect_exit(server: ServerProcess) -> None:
+    """A dead child: /health turns 503, then the server exits with EXIT_RANK_DIED, leaving nothing."""
     assert server.pid is not None
     children = psutil.Process(server.pid).children(recursive=True)
     assert children, "the server has no worker processes"
     victim = children[-1]
     victim.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while server._proc is not None and server._proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    code = server._proc.poll() if server._proc is not None else None
+    code, seen = health_until_exit(server)
     assert code == EXIT_RANK_DIED, f"server exit code {code}, expected {EXIT_RANK_DIED}"
+    assert 503 in seen, f"/health never answered 503 before the exit (saw {seen})"
     deadline = time.monotonic() + 10
     while _group_pids(server.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -312,6 +326,17 @@ def test_killing_a_tensor_parallel_rank_ends_the_server(tmp_path: Path) -> None:
             _complete(client, server.url, random_prompts(seed=3, count=1)[0])
             metrics = client.get(f"{server.url}/metrics").text
         assert "serving_tp_allreduce_seconds_total" in metrics
+        _kill_child_and_expect_exit(server)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_killing_a_pipeline_stage_ends_the_server(tmp_path: Path) -> None:
+    server = _server(tmp_path, "pp2", **{"parallel.pp": 2})
+    try:
+        with httpx.Client() as client:
+            _complete(client, server.url, random_prompts(seed=4, count=1)[0])
         _kill_child_and_expect_exit(server)
     finally:
         server.stop()

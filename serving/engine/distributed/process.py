@@ -4,7 +4,9 @@ Every rank and replica is a child of the server process, in the server's process
 launcher's killpg reaches it) and with PR_SET_PDEATHSIG, so it dies with its parent even on SIGKILL.
 Children ignore SIGTERM/SIGINT: the parent stops them in order (a stop message), which lets the server
 exit 0 on SIGTERM. A watchdog in the parent ends the whole deployment with EXIT_RANK_DIED when any
-child exits unexpectedly, instead of hanging in a collective that will never complete.
+child exits unexpectedly, instead of hanging in a collective that will never complete: it marks the
+deployment dead (so /health answers 503), kills the other children, and gives the server DEATH_GRACE_S
+to exit by itself with that code before it ends the process.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ log = logging.getLogger("serving")
 EXIT_RANK_DIED = 70
 """Exit code of a server whose worker rank or replica died."""
 WATCH_INTERVAL_S = 0.1
+DEATH_GRACE_S = 5.0
+"""How long a dead deployment's server may take to answer 503 and exit by itself (serve's health watch
+exits within about a second) before the watchdog ends the process."""
 STOP_TIMEOUT_S = 10.0
 CONN_FD_ENV = "SERVING_PARALLEL_FD"
 """File descriptor of the child's end of its pipe to the parent."""
@@ -125,6 +130,8 @@ class Watchdog:
         self.children = list(children)
         self.on_death = on_death
         self.stopping = False
+        self.dead: str | None = None
+        """Which child died and how, once one has: the deployment can no longer serve."""
         self._thread = threading.Thread(target=self._run, name="parallel-watchdog", daemon=True)
 
     def start(self) -> None:
@@ -140,10 +147,12 @@ class Watchdog:
 
     def _die(self, child: Child, code: int) -> None:
         log.error("%s (pid %d) exited with code %s: stopping the deployment", child.name, child.pid, code)
+        self.dead = f"{child.name} (pid {child.pid}) exited with code {code}"
         if self.on_death is not None:
             with contextlib.suppress(Exception):
                 self.on_death(child)
         kill_all(self.children)
+        time.sleep(DEATH_GRACE_S)  # the process normally ends during this sleep, with EXIT_RANK_DIED
         sys.stderr.flush()
         os._exit(EXIT_RANK_DIED)
 

@@ -194,3 +194,7 @@ class RankGroupEngine(LLMEngine):
 
     def close(self) -> None:
         self.group.stop()
+
+    def failure(self) -> str | None:
+        watchdog = self.group.watchdog
+        return watchdog.dead if watchdog is not None else None
