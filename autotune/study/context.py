@@ -12,6 +12,7 @@ from autotune.config.settings import RunSettings
 from autotune.report.objectives import Objectives
 from autotune.space.parse import load_space
 from autotune.space.search_space import SearchSpace
+from autotune.study.context_fit import check_workload_fits
 from autotune.trial.devices import Devices, detect_devices
 from autotune.trial.geometry import ModelGeometry, load_geometry
 from autotune.trial.planner import MemoryPlan
@@ -94,6 +95,8 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
     run_dir = (Path(study.runs_dir) / study.name).resolve()
     report_dir = (Path(study.reports_dir) / study.name).resolve()
     storage = study.storage or f"sqlite:///{run_dir / 'study.db'}"
+    traffic = build_traffic(settings, base)
+    check_workload_fits(traffic.workload, base.model)
     return StudyContext(
         settings=settings,
         space=space,
@@ -104,5 +107,5 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
         run_dir=run_dir,
         report_dir=report_dir,
         storage_url=storage,
-        traffic=build_traffic(settings, base),
+        traffic=traffic,
     )
