@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import shlex
 import types
 import typing
@@ -304,10 +305,16 @@ def _unknown_key_message(key: str, known: typing.Iterable[str]) -> str:
     return f"unknown key {key!r}{hint} (known: {', '.join(sorted(known))})"
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """get_type_hints evaluates every annotation string anew; a tuner builds thousands of configs."""
+    return get_type_hints(cls)
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -360,7 +367,7 @@ def field_types() -> dict[str, Any]:
     types_by_key: dict[str, Any] = {}
 
     def walk(cls: type, prefix: str) -> None:
-        hints = get_type_hints(cls)
+        hints = _type_hints(cls)
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             if dataclasses.is_dataclass(hint) and isinstance(hint, type):

@@ -87,6 +87,7 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
             *os.getloadavg()
         ),
         "search space": str(ctx.space.path),
+        "not on this machine": "; ".join(ctx.space.narrowed) or "every choice runs here",
         "sampler": f"{s.study.sampler} (seed {s.study.seed})",
         "workload": str(s.workload),
         "arrival": str(s.arrival),

@@ -10,6 +10,7 @@ from typing import Any
 
 from autotune.config.settings import RunSettings
 from autotune.report.objectives import Objectives
+from autotune.space.machine import narrow_to_machine
 from autotune.space.parse import load_space
 from autotune.space.search_space import SearchSpace
 from autotune.study.context_fit import check_workload_fits
@@ -97,13 +98,14 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
     storage = study.storage or f"sqlite:///{run_dir / 'study.db'}"
     traffic = build_traffic(settings, base)
     check_workload_fits(traffic.workload, base.model)
+    devices = devices or detect_devices(base.device)
     return StudyContext(
         settings=settings,
-        space=space,
+        space=narrow_to_machine(space, devices),
         base=base,
         objectives=objectives,
         geometry=load_geometry(base.model),
-        devices=devices or detect_devices(base.device),
+        devices=devices,
         run_dir=run_dir,
         report_dir=report_dir,
         storage_url=storage,

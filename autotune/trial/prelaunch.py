@@ -10,6 +10,7 @@ not re-implemented, so the tuner prunes exactly what the engine would refuse.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,4 +84,4 @@ def on_devices(config: DeploymentConfig, devices: Devices) -> DeploymentConfig:
     """device=auto resolved as the tuner found the machine (NVML), so the check needs no CUDA runtime."""
     if config.device != "auto":
         return config
-    return config.replace(device=devices.kind)
+    return dataclasses.replace(config, device=devices.kind)
