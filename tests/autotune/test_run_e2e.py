@@ -197,3 +197,39 @@ def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume
     measured = [t for t in trials if t.user_attrs.get(R.MEASURED) and not t.user_attrs.get(R.RETRYABLE)]
     assert len(measured) == 1 and measured[0].state.name == "COMPLETE"
     assert measured[0].user_attrs[R.CONFIG_KEY] == interrupted  # the interrupted config went first again
+
+
+@pytest.mark.slow
+def test_a_summarisation_study_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conf=summarise as shipped (its documents, its 2048-token context, its space) at short fidelity:
+    a few requests per trial on llama-tiny; every trial completes, the report and best.yaml are written
+    and no server is left running."""
+    import psutil
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "conf=summarise",
+        "model=llama-tiny",
+        "workload.output_len.mean=8",
+        "arrival.num_requests=4",
+        "arrival.rate=20",
+        "arrival.warmup_requests=0",
+        "study.n_trials=2",
+        "study.live=off",
+        "tracking=none",
+    ]
+    assert run_command.main(args) == 0
+    import optuna
+
+    study = optuna.load_study(study_name="summarise", storage=f"sqlite:///{tmp_path}/runs/summarise/study.db")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2, [(t.state.name, t.user_attrs.get("reason")) for t in study.trials]
+    assert {t.user_attrs["deployment"]["model.max_model_len"] for t in done} == {2048}
+    prompts = [
+        t.user_attrs["metrics"]["total_input_tokens"] / t.user_attrs["metrics"]["completed"] for t in done
+    ]
+    assert all(p > 600 for p in prompts), prompts  # documents, not chat turns
+    best = DeploymentConfig.from_yaml(tmp_path / "reports/summarise/best.yaml")
+    assert best.model.max_model_len == 2048
+    assert (tmp_path / "reports/summarise/report.html").is_file()
+    assert not psutil.Process().children(recursive=True)
