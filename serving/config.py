@@ -7,6 +7,7 @@ Unknown keys are rejected by name, because a misspelled knob in a tuner is a sil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shlex
 import types
 import typing
@@ -323,10 +324,16 @@ def _require(ok: bool, name: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: {fix}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """get_type_hints evaluates every annotation string anew; a tuner builds thousands of configs."""
+    return get_type_hints(cls)
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -379,7 +386,7 @@ def field_types() -> dict[str, Any]:
     types_by_key: dict[str, Any] = {}
 
     def walk(cls: type, prefix: str) -> None:
-        hints = get_type_hints(cls)
+        hints = _type_hints(cls)
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             if dataclasses.is_dataclass(hint) and isinstance(hint, type):

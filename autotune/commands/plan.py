@@ -74,6 +74,8 @@ def main(argv: Sequence[str]) -> int:
     if space.description:
         console.print(space.description)
     console.print(f"[bold]devices[/] {ctx.devices.describe()}")
+    for note in space.narrowed:
+        console.print(f"[bold]not on this machine[/] {note}")
     dims = Table("dimension", "domain", "when", title="dimensions")
     for d in space.dimensions:
         if d.kind == "categorical":

@@ -102,6 +102,7 @@ def context_table(ctx: StudyContext) -> dict[str, str]:
             *os.getloadavg()
         ),
         "search space": str(ctx.space.path),
+        "not on this machine": "; ".join(ctx.space.narrowed) or "every choice runs here",
         "sampler": f"{s.study.sampler} (seed {s.study.seed})",
         "workload": _yaml(s.workload),
         "arrival": _yaml(s.arrival),

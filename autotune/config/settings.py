@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 from serving.config import ConfigError
 
-SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid")
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "staged")
 DIRECTIONS = ("maximize", "minimize")
 EXPORT_POLICIES = ("max_throughput_within_slo", "knee")
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -44,7 +44,8 @@ class StudySettings:
     n_trials: int = 12
     """Configurations to measure in total (resumed trials count; pruned and repeated configs do not)."""
     sampler: str = "nsga2"
-    """nsga2 | tpe (multivariate) | gp | random | grid."""
+    """nsga2 | tpe (multivariate) | gp | random | grid | staged (layout, precision, batch limits, then
+    scheduler knobs, each stage with the earlier ones fixed at their best: autotune/study/staged.py)."""
     seed: int = 0
     """Sampler seed, so a study is repeatable."""
     population_size: int = 6

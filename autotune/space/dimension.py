@@ -25,6 +25,8 @@ class Dimension:
     step: float | None = None
     log: bool = False
     when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    machine: bool = False
+    """Keep only the choices this machine runs (autotune.space.machine), decided when the study starts."""
 
     def is_active(self, params: Mapping[str, Any]) -> bool:
         """True when every `when` condition holds for the params sampled so far."""

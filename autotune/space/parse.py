@@ -1,10 +1,13 @@
 """Declarative search spaces (search_spaces/*.yaml): dimensions over DeploymentConfig's dotted keys.
 
-A file has four sections; everything else is rejected by name:
+A file has these sections; everything else is rejected by name:
+    extends:     another space (name or path) this file changes: base and dimensions entries update
+                 its entries by key, the other sections replace its sections when given
     description: one line
     base:        {dotted.key: value}   deployment values every trial shares (the dimensions override them)
     dimensions:  {dotted.key: {type: categorical|int|float, choices | low/high [step] [log], [when]}}
-                 `when: {other.key: value-or-list}` makes a dimension conditional on earlier ones
+                 `when: {other.key: value-or-list}` makes a dimension conditional on earlier ones;
+                 `machine: true` keeps only the choices this machine runs (autotune.space.machine)
     constraints: [rule names from autotune.space.constraints.RULES]
     seeds:       [{dotted.key: value}]  configs measured first (partial; the sampler fills the rest)
 """
@@ -23,11 +26,13 @@ import yaml
 from autotune.config.paths import SEARCH_SPACES_DIR
 from autotune.space.constraints import RULES
 from autotune.space.dimension import Dimension, Kind
+from autotune.space.machine import MACHINE_KEYS
 from autotune.space.search_space import SearchSpace
 from serving.config import ConfigError, DeploymentConfig, check_field, closest_key, field_types, flatten
 
 SECTIONS = ("description", "base", "dimensions", "constraints", "seeds")
-DIMENSION_KEYS = {"type", "choices", "low", "high", "step", "log", "when"}
+"""What a parsed file holds; a file may also start with `extends: <space>` (read_space folds it in)."""
+DIMENSION_KEYS = {"type", "choices", "low", "high", "step", "log", "when", "machine"}
 
 
 FIELD_TYPES = field_types()
@@ -67,11 +72,33 @@ def resolve_space_path(name_or_path: str | Path) -> Path:
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
     path = resolve_space_path(name_or_path)
+    return parse_space(read_space(path), path)
+
+
+def read_space(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping with its `extends:` parent folded in (parents first, any depth)."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_space(data, path)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    parent = str(data.pop("extends"))
+    beside = path.parent / parent  # a relative .yaml path is read beside the file that names it
+    parent_path = resolve_space_path(beside if parent.endswith((".yaml", ".yml")) else parent)
+    if parent_path.resolve() in seen:
+        raise ConfigError(f"{path}: extends: {parent_path} extends this file again; break the loop")
+    return merge_spaces(read_space(parent_path, (*seen, path.resolve())), data)
+
+
+def merge_spaces(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """A variant written as changes: `base` and `dimensions` entries update the parent's by key (a
+    dimension keeps its place), the other sections replace the parent's when given."""
+    merged = {**parent, **child}
+    for section in ("base", "dimensions"):
+        if isinstance(parent.get(section), Mapping) and isinstance(child.get(section), Mapping):
+            merged[section] = {**parent[section], **child[section]}
+    return merged
 
 
 def parse_space(data: Any, path: Path) -> SearchSpace:
@@ -156,6 +183,14 @@ def _parse_dimension(name: str, spec: Any, earlier: list[Dimension], fail: Any) 
             raise fail(f"{where}.{key}", f"unknown option{_hint(str(key), sorted(DIMENSION_KEYS))}")
     kind = spec.get("type")
     when = _parse_when(spec.get("when") or {}, earlier, f"{where}.when", fail)
+    machine = spec.get("machine", False)
+    if not isinstance(machine, bool):
+        raise fail(f"{where}.machine", "use true or false")
+    if machine and (kind != "categorical" or name not in MACHINE_KEYS):
+        raise fail(
+            f"{where}.machine",
+            f"only categorical dimensions of {', '.join(MACHINE_KEYS)} are narrowed to the machine",
+        )
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -164,10 +199,10 @@ def _parse_dimension(name: str, spec: Any, earlier: list[Dimension], fail: Any) 
             _fits(name, value, f"{where}.choices", fail)
         if len(set(map(repr, choices))) != len(choices):
             raise fail(f"{where}.choices", "remove the repeated values")
-        extra = set(spec) - {"type", "choices", "when"}
+        extra = set(spec) - {"type", "choices", "when", "machine"}
         if extra:
             raise fail(f"{where}.{sorted(extra)[0]}", "only int and float dimensions take low/high/step/log")
-        return Dimension(name, "categorical", choices=tuple(choices), when=when)
+        return Dimension(name, "categorical", choices=tuple(choices), when=when, machine=machine)
     if kind in ("int", "float"):
         return _parse_range(name, kind, spec, hint, when, fail)
     raise fail(f"{where}.type", f"{kind!r} is not a dimension type; use categorical, int or float")

@@ -28,6 +28,8 @@ class SearchSpace:
     dimensions: tuple[Dimension, ...]
     constraints: tuple[str, ...]
     seeds: tuple[Mapping[str, Any], ...] = ()
+    narrowed: tuple[str, ...] = ()
+    """What was left out because this machine cannot run it (`machine: true` dimensions, their seeds)."""
 
     def dimension(self, name: str) -> Dimension:
         for dim in self.dimensions:

@@ -10,15 +10,15 @@ from typing import Any
 
 from autotune.config.settings import RunSettings
 from autotune.report.objectives import Objectives, check_metric_name
-from autotune.space.constraints import RULES
+from autotune.space.machine import narrow_to_machine
 from autotune.space.parse import load_space
 from autotune.space.search_space import SearchSpace
-from autotune.trial.device_pool import DevicePool
+from autotune.study.context_fit import check_workload_fits
 from autotune.trial.devices import Devices, detect_devices
 from autotune.trial.geometry import ModelGeometry, load_geometry
-from autotune.trial.planner import MemoryPlan, plan_memory
+from autotune.trial.planner import MemoryPlan
+from autotune.trial.prelaunch import Machine, check_deployment
 from autotune.trial.runner import Traffic
-from serving.backends import get_backend
 from serving.config import ConfigError, DeploymentConfig, flatten
 
 
@@ -47,23 +47,13 @@ class StudyContext:
         share = self.devices.ram_bytes // self.settings.study.parallel_trials
         return dataclasses.replace(self.devices, ram_bytes=share)
 
+    @property
+    def machine(self) -> Machine:
+        return Machine(self.geometry, self.devices, self.devices_per_trial, self.settings.trial.server_cpus)
+
     def check(self, config: DeploymentConfig) -> tuple[str | None, MemoryPlan | None]:
-        """Why this deployment cannot run here (None when it can): space rules, backend, devices, memory."""
-        for rule in self.space.constraints:
-            reason = RULES[rule](config, self.geometry, self.devices)
-            if reason:
-                return f"{rule}: {reason}", None
-        try:
-            get_backend(config.backend).validate(config)
-        except ConfigError as err:
-            return f"backend {config.backend}: {err}", None
-        placement = DevicePool(self.devices, cpus=self.settings.trial.server_cpus).fits(config)
-        if placement:
-            return f"devices: {placement}", None
-        plan = plan_memory(config, self.geometry, self.devices_per_trial, self.settings.planner)
-        if not plan.fits:
-            return f"memory: {plan.reason}", plan
-        return None, plan
+        """Why this deployment cannot start here (None when it can); see autotune.trial.prelaunch."""
+        return check_deployment(config, self.space.constraints, self.machine, self.settings.planner)
 
 
 def base_deployment(space: SearchSpace, overrides: dict[str, Any]) -> DeploymentConfig:
@@ -114,15 +104,18 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
     run_dir = (Path(study.runs_dir) / study.name).resolve()
     report_dir = (Path(study.reports_dir) / study.name).resolve()
     storage = study.storage or f"sqlite:///{run_dir / 'study.db'}"
+    traffic = build_traffic(settings, base)
+    check_workload_fits(traffic.workload, base.model)
+    devices = devices or detect_devices(base.device)
     return StudyContext(
         settings=settings,
-        space=space,
+        space=narrow_to_machine(space, devices),
         base=base,
         objectives=objectives,
         geometry=load_geometry(base.model),
-        devices=devices or detect_devices(base.device),
+        devices=devices,
         run_dir=run_dir,
         report_dir=report_dir,
         storage_url=storage,
-        traffic=build_traffic(settings, base),
+        traffic=traffic,
     )

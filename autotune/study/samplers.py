@@ -9,10 +9,18 @@ import optuna
 
 from autotune.config.settings import StudySettings
 from autotune.space.search_space import SearchSpace
+from autotune.study.staged import Pick, StagedSampler
 
 
-def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    settings: StudySettings, space: SearchSpace, pick: Pick | None = None
+) -> optuna.samplers.BaseSampler:
+    """`pick` (the best trial so far) is what the staged search fixes earlier stages to."""
     name, seed = settings.sampler, settings.seed
+    if name == "staged":
+        if pick is None:
+            raise ValueError("study.sampler=staged needs a pick of the best trial so far")
+        return StagedSampler(space, settings.n_trials, pick, seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=settings.population_size, seed=seed)
     if name == "tpe":
@@ -29,4 +37,4 @@ def make_sampler(settings: StudySettings, space: SearchSpace) -> optuna.samplers
         # Conditional dimensions are in the grid too; combinations that differ only in an inactive one
         # map to one config, and the study's repeat check measures it once.
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    raise ValueError(f"study.sampler={name!r} is invalid: choose nsga2, tpe, gp, random or grid")
+    raise ValueError(f"study.sampler={name!r} is invalid: choose nsga2, tpe, gp, random, grid or staged")

@@ -19,6 +19,7 @@ import sqlalchemy.exc
 from autotune.config.redact import redact_text, redact_url
 from autotune.study.context import StudyContext
 from autotune.study.samplers import make_sampler
+from autotune.study.staged import policy_pick
 from serving.config import flatten
 
 TRAFFIC_ATTR = "autotune.traffic"
@@ -45,7 +46,9 @@ def open_study(ctx: StudyContext) -> optuna.Study:
             study_name=ctx.name,
             storage=ctx.storage_url,
             directions=[optuna.study.StudyDirection[d.upper()] for d in ctx.objectives.directions],
-            sampler=make_sampler(ctx.settings.study, ctx.space),
+            sampler=make_sampler(
+                ctx.settings.study, ctx.space, pick=policy_pick(ctx.objectives, ctx.settings.export)
+            ),
             load_if_exists=True,
         )
     except sqlalchemy.exc.SQLAlchemyError as err:

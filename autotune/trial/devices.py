@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import psutil
 
@@ -29,9 +31,11 @@ class Devices:
     """Memory available to trials on the CPU: free RAM when the study starts."""
     gpus: tuple[Gpu, ...] = ()
     """NVIDIA GPUs; empty when NVML is absent (the usual CPU-only case)."""
+    cpu_flags: frozenset[str] = frozenset()
+    """The CPU's ISA flags (/proc/cpuinfo: avx512_bf16, amx_bf16, ...): which dtypes have fast kernels."""
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Literal["cuda", "cpu"]:
         return "cuda" if self.gpus else "cpu"
 
     @property
@@ -91,9 +95,22 @@ def _nvlinked(handle: object, peer: object) -> bool:
     return bool(status == pynvml.NVML_P2P_STATUS_OK)
 
 
+def detect_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The flags of the first CPU in /proc/cpuinfo (empty where there is none: not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
 def detect_devices(device: str = "auto") -> Devices:
     """This machine's devices; `device=cpu` ignores GPUs even when present."""
     cpus = tuple(sorted(os.sched_getaffinity(0)))
     ram = int(psutil.virtual_memory().available)
     gpus = () if device == "cpu" else detect_gpus()
-    return Devices(cpus=cpus, ram_bytes=ram, gpus=gpus)
+    return Devices(cpus=cpus, ram_bytes=ram, gpus=gpus, cpu_flags=detect_cpu_flags())

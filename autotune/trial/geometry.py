@@ -21,6 +21,8 @@ class ModelGeometry:
     head_dim: int
     vocab_size: int
     tied_embeddings: bool
+    model_type: str = ""
+    """config.json's model_type: which families the engine can split into pipeline stages."""
 
     @property
     def embedding_params(self) -> int:
@@ -43,6 +45,15 @@ class ModelGeometry:
     @property
     def num_params(self) -> int:
         return self.embedding_params + self.num_layers * self.linear_params_per_layer + self.norm_params
+
+    def config_fields(self) -> dict[str, int | str]:
+        """The config.json keys the serving side's layout check reads (validate_parallel)."""
+        return {
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "num_hidden_layers": self.num_layers,
+            "model_type": self.model_type,
+        }
 
     def kv_bytes_per_token(self, bytes_per_element: float) -> float:
         """K and V for every layer: 2 x layers x kv_heads x head_dim x bytes."""
@@ -75,6 +86,7 @@ def load_geometry(model: ModelConfig) -> ModelGeometry:
             head_dim=int(text.get("head_dim") or hidden // heads),
             vocab_size=int(text["vocab_size"]),
             tied_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            model_type=str(text.get("model_type") or raw.get("model_type") or ""),
         )
     except KeyError as err:
         raise ConfigError(

@@ -16,7 +16,7 @@ def test_plan_prints_space_pruned_reasons_and_eta(capsys: pytest.CaptureFixture[
             "plan",
             "conf=chat",
             "planner.memory_limit_gb=1.0",
-            "+deployment.cache.block_size=32",
+            "+deployment.parallel.dp_routing=round_robin",
             f"study.runs_dir={tmp_path}",
         ]
     )
@@ -28,8 +28,31 @@ def test_plan_prints_space_pruned_reasons_and_eta(capsys: pytest.CaptureFixture[
 
 
 def test_plan_with_a_space_that_fits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert cli_main(["plan", "conf=summarise", f"study.runs_dir={tmp_path}"]) == 0
+    space = tmp_path / "space.yaml"
+    space.write_text("dimensions:\n  scheduler.max_num_seqs: {type: categorical, choices: [4, 8]}\n")
+    assert cli_main(["plan", "conf=summarise", f"search.space={space}", f"study.runs_dir={tmp_path}"]) == 0
     assert "nothing pruned" in capsys.readouterr().out
+
+
+def test_plan_lists_what_the_serving_side_refuses(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layouts and precisions the engine cannot start are listed, never launched: the default space
+    without its rules and with tp x pp and 16-bit floats on any machine, so the engine's own checks
+    (validate_parallel, check_precision_supported) are what refuse them."""
+    monkeypatch.setenv("COLUMNS", "400")  # reasons on one line
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "extends: summarise\nconstraints: []\ndimensions:\n"
+        "  parallel.tp: {type: categorical, choices: [1, 2]}\n"
+        "  parallel.pp: {type: categorical, choices: [1, 2]}\n"
+        "  precision.dtype: {type: categorical, choices: [float32, bfloat16]}\n"
+    )
+    assert cli_main(["plan", "conf=summarise", f"search.space={space}", f"study.runs_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "parallel layout: parallel.tp=2 with parallel.pp=2: the builtin engine runs" in out
+    assert "precision: precision.quantization='int8_dynamic' needs precision.dtype='float32'" in out
+    assert "not on this machine parallel.dp=8 needs 8" in out
 
 
 def test_export_without_a_study_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -52,6 +52,22 @@ def test_the_vllm_backend_brings_its_own_space_unless_one_is_named() -> None:
     assert ctx.base.backend == "vllm" and ctx.base.cache.block_size % 32 == 0
 
 
+@pytest.mark.parametrize("conf", ["chat", "summarise"])
+def test_backend_sglang_composes_with_its_own_space(conf: str) -> None:
+    """As docs/gpu.md documents it: backend=sglang launches SGLang, searching only knobs SGLang has."""
+    assert compose_config(conf, ["backend=sglang", "search=chat"]).search.space == "chat"
+    settings = build_settings(compose_config(conf, ["backend=sglang"]))
+    assert settings.search.space == "sglang" and settings.trial.startup_timeout_s == 300
+    ctx = build_context(settings)
+    assert ctx.base.backend == "sglang" and ctx.base.scheduler.policy == "continuous"
+    refused = []
+    for params in ctx.space.enumerate(4):
+        reason, _ = ctx.check(ctx.space.deployment(ctx.base, params))
+        if reason and reason.startswith("backend sglang"):
+            refused.append(reason)
+    assert not refused, refused[0]
+
+
 def test_overrides_reach_the_settings() -> None:
     settings = build_settings(
         compose_config(

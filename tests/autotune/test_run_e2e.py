@@ -279,3 +279,40 @@ def test_capacity_study_records_steps_remeasures_the_winner_and_exports(
     assert [m.value for m in curve] == sorted(m.value for m in curve)
     assert "capacity_rps" in run.data.metrics and "p99_ttft_ms_ci95_high" in run.data.metrics
     assert "capacity.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_a_summarisation_study_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conf=summarise as shipped (its documents, its 2048-token context, its space) at short fidelity:
+    a few requests per trial on llama-tiny; every trial completes, the report and best.yaml are written
+    and no server is left running."""
+    import psutil
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "conf=summarise",
+        *FIXED_LOAD,
+        "model=llama-tiny",
+        "workload.output_len.mean=8",
+        "arrival.num_requests=4",
+        "arrival.rate=20",
+        "arrival.warmup_requests=0",
+        "study.n_trials=2",
+        "study.live=off",
+        "tracking=none",
+    ]
+    assert run_command.main(args) == 0
+    import optuna
+
+    study = optuna.load_study(study_name="summarise", storage=f"sqlite:///{tmp_path}/runs/summarise/study.db")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 2, [(t.state.name, t.user_attrs.get("reason")) for t in study.trials]
+    assert {t.user_attrs["deployment"]["model.max_model_len"] for t in done} == {2048}
+    prompts = [
+        t.user_attrs["metrics"]["total_input_tokens"] / t.user_attrs["metrics"]["completed"] for t in done
+    ]
+    assert all(p > 600 for p in prompts), prompts  # documents, not chat turns
+    best = DeploymentConfig.from_yaml(tmp_path / "reports/summarise/best.yaml")
+    assert best.model.max_model_len == 2048
+    assert (tmp_path / "reports/summarise/report.html").is_file()
+    assert not psutil.Process().children(recursive=True)

@@ -1,0 +1,80 @@
+"""The staged search: layout first, then precision, batch limits and scheduler knobs, each stage with the
+earlier ones fixed at the best trial so far and the later ones at their anchors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from autotune.config.compose import build_settings, compose_config
+from autotune.report import results as R
+from autotune.report.objectives import Objectives
+from autotune.space.parse import load_space
+from autotune.space.search_space import SearchSpace
+from autotune.study.staged import StagedSampler, policy_pick, stage_of
+
+SPACE = load_space("chat")
+SETTINGS = build_settings(compose_config("chat", ["study.sampler=staged"]))
+
+
+def measured(space: SearchSpace, params: dict[str, Any], throughput: float) -> optuna.trial.FrozenTrial:
+    metrics = {"output_throughput": throughput, "p99_ttft_ms": 100.0, "p99_tpot_ms": 10.0}
+    return optuna.trial.create_trial(
+        params=params,
+        distributions={k: space.dimension(k).distribution() for k in params},
+        values=list(metrics.values()),
+        user_attrs={R.MEASURED: True, R.METRICS: metrics},
+    )
+
+
+def study_with(*trials: optuna.trial.FrozenTrial, n_trials: int = 8) -> optuna.Study:
+    pick = policy_pick(Objectives(SETTINGS.objectives), SETTINGS.export)
+    study = optuna.create_study(
+        directions=["maximize", "minimize", "minimize"], sampler=StagedSampler(SPACE, n_trials, pick, seed=0)
+    )
+    for trial in trials:
+        study.add_trial(trial)
+    return study
+
+
+def asked(study: optuna.Study, count: int) -> list[dict[str, Any]]:
+    samples = []
+    for _ in range(count):
+        trial = study.ask()
+        samples.append(SPACE.suggest(trial))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # pruned: measured count stays
+    return samples
+
+
+def test_the_stages_follow_layout_precision_batch_limits_scheduler() -> None:
+    assert [stage_of(d.name) for d in SPACE.dimensions] == [
+        *["layout"] * 3,
+        *["precision"] * 2,
+        "scheduler",  # attention
+        "scheduler",  # policy
+        "batch limits",  # max_num_seqs
+        "scheduler",  # batch_wait_ms
+        *["batch limits"] * 2,  # chunked_prefill, max_num_batched_tokens
+        "scheduler",  # queue_order
+        *["batch limits"] * 2,  # kv budget, block size
+    ]
+
+
+def test_the_first_stage_searches_the_layout_with_everything_else_at_its_anchor() -> None:
+    samples = asked(study_with(), 12)
+    assert len({(s["parallel.dp"], s["parallel.tp"]) for s in samples}) > 1
+    for s in samples:
+        assert s["precision.dtype"] == "float32" and s["scheduler.policy"] == "continuous"
+        assert s["scheduler.max_num_seqs"] == 32 and s["cache.kv_cache_memory_gb"] == 1.0
+        assert s["attention"] == "paged" and s["scheduler.queue_order"] == "fcfs"
+
+
+def test_the_second_stage_fixes_the_best_layout_and_searches_precision() -> None:
+    layout = {"parallel.dp": 1, "parallel.tp": 1, "parallel.pp": 1}
+    best = {"parallel.dp": 2, "parallel.tp": 1, "parallel.pp": 1}
+    study = study_with(measured(SPACE, layout, 50.0), measured(SPACE, best, 80.0))  # 8 trials: 2 a stage
+    samples = asked(study, 12)
+    assert all({k: s[k] for k in best} == best for s in samples)
+    assert len({(s["precision.dtype"], s.get("precision.quantization")) for s in samples}) > 1
+    assert all(s["scheduler.max_num_seqs"] == 32 and s["scheduler.policy"] == "continuous" for s in samples)
