@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20
+"""Most alternatives per token (OpenAI's top_logprobs limit, vLLM's default max_logprobs)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -21,6 +24,10 @@ class SamplingParams:
     """Keep generating past eos (benchmarks force output lengths with it)."""
     stop_token_ids: tuple[int, ...] = ()
     """Extra token ids that end the request (finish_reason "stop")."""
+    logprobs: int | None = None
+    """Log-probability of each output token plus this many alternatives (0: only the token's); None: none."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (what `echo` with `logprobs` returns)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -29,6 +36,10 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature} is invalid: use >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} is invalid: use a value in (0, 1]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name}={value} is invalid: use 0 to {MAX_LOGPROBS} alternatives")
 
     @property
     def greedy(self) -> bool:
