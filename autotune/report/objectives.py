@@ -29,14 +29,22 @@ _NAMED = {
     "startup_s",
 }
 """Metrics every trial reports: the traffic runner's summary (vLLM bench-serve names) plus server stats."""
+_QUALITY = {
+    "quality_token_agreement",
+    "quality_mean_kl",
+    "quality_perplexity",
+    "quality_perplexity_ratio",
+    "quality_synthetic",
+}
+"""The quality probe's metrics (autotune/quality), when the study's quality guard is enabled."""
 
 
 def check_metric_name(metric: str, where: str) -> None:
     """Reject a typo before any server starts."""
-    if metric in _NAMED or _LATENCY.match(metric):
+    if metric in _NAMED or metric in _QUALITY or _LATENCY.match(metric):
         return
     raise ValueError(
-        f"{where}: {metric!r} is not a benchmark metric; use one of {sorted(_NAMED)} or "
+        f"{where}: {metric!r} is not a benchmark metric; use one of {sorted(_NAMED | _QUALITY)} or "
         "{mean,median,std,p50,p90,p95,p99}_{ttft,tpot,itl,e2el}_ms"
     )
 
@@ -46,12 +54,18 @@ class Objectives:
     """Ordered objectives and constraints; values are what Optuna is told."""
 
     settings: ObjectivesSettings
+    extra_bounds: tuple[tuple[str, str, float], ...] = ()
+    """Bounds from other sections (the quality guard's), as (metric, 'max' | 'min', bound)."""
 
     def __post_init__(self) -> None:
         for metric in self.settings.directions:
             check_metric_name(metric, f"objectives.directions.{metric}")
         for metric, _, _ in self.settings.bounds():
             check_metric_name(metric, f"objectives.constraints.{metric}")
+
+    def bounds(self) -> list[tuple[str, str, float]]:
+        """Every active constraint: objectives.constraints / min_constraints, then the extra bounds."""
+        return [*self.settings.bounds(), *self.extra_bounds]
 
     @property
     def names(self) -> list[str]:
@@ -76,11 +90,11 @@ class Objectives:
     def constraint_values(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Optuna convention: <= 0 is satisfied; the value is how far past the bound the metric is."""
         out: dict[str, float] = {}
-        for metric, kind, bound in self.settings.bounds():
+        for metric, kind, bound in self.bounds():
             value = float(metrics.get(metric, math.inf if kind == "max" else -math.inf))
             excess = value - bound if kind == "max" else bound - value
             out[f"{metric}_{kind}"] = excess if math.isfinite(excess) else 1e12
         return out
 
     def describe_constraints(self) -> list[str]:
-        return [f"{m} {'<=' if k == 'max' else '>='} {b:g}" for m, k, b in self.settings.bounds()]
+        return [f"{m} {'<=' if k == 'max' else '>='} {b:g}" for m, k, b in self.bounds()]

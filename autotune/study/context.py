@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config.settings import RunSettings
+from autotune.quality.guard import QualityGuard, build_guard
 from autotune.report.objectives import Objectives
 from autotune.space.constraints import RULES
 from autotune.space.parse import load_space
@@ -36,6 +37,8 @@ class StudyContext:
     storage_url: str
     traffic: Traffic
     """The workload, arrival, SLOs and client every trial uses, typed and checked once at start."""
+    quality: QualityGuard | None = None
+    """The quality guard every trial is probed by (None when quality.enabled is false)."""
 
     @property
     def name(self) -> str:
@@ -101,9 +104,11 @@ def build_traffic(settings: RunSettings, base: DeploymentConfig) -> Traffic:
 def build_context(settings: RunSettings, *, devices: Devices | None = None) -> StudyContext:
     space = load_space(settings.search.space)
     base = base_deployment(space, settings.deployment)
-    objectives = Objectives(settings.objectives)
     study = settings.study
     run_dir = (Path(study.runs_dir) / study.name).resolve()
+    traffic = build_traffic(settings, base)
+    quality = build_guard(settings.quality, base, traffic.workload, run_dir, settings.trial.startup_timeout_s)
+    objectives = Objectives(settings.objectives, tuple(quality.bounds()) if quality else ())
     report_dir = (Path(study.reports_dir) / study.name).resolve()
     storage = study.storage or f"sqlite:///{run_dir / 'study.db'}"
     return StudyContext(
@@ -116,5 +121,6 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
         run_dir=run_dir,
         report_dir=report_dir,
         storage_url=storage,
-        traffic=build_traffic(settings, base),
+        traffic=traffic,
+        quality=quality,
     )

@@ -99,6 +99,8 @@ class StudyLoop:
         self.workers.fail_orphans()
         self.workers.requeue_interrupted()  # also the ones a Ctrl-C left for this run
         self.enqueue_seeds()
+        if self.ctx.quality is not None:  # the reference's answers, once per study (cached in run_dir)
+            self.ctx.quality.prepare()
         for o in self.observers:
             o.study_started(self.ctx.name, total, load_records(self.study))
         self.workers.start_heartbeats()
@@ -268,6 +270,7 @@ class StudyLoop:
                 extra_env=allocation.env(),
                 on_phase=lambda text: self._phase(trial.number, text + where),
                 cancel=self.cancel,
+                probe=self.ctx.quality.probe if self.ctx.quality else None,
             )
         except BaseException:
             self._interrupted(trial)

@@ -66,6 +66,9 @@ class ServerState:
         self.metrics = metrics
         self.created = int(time.time())
 
+    def texts_for(self, req: _GenerationRequest) -> TokenTexts:
+        return self.texts.as_ids() if req.return_tokens_as_token_ids else self.texts
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise errors.model_not_found(name, self.model_name)
@@ -127,7 +130,7 @@ def build_app(engine: EngineClient) -> FastAPI:
         echo = (
             "" if not options.echo else prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt)
         )
-        choices = Choices(options, job, state.texts, echo)
+        choices = Choices(options, job, state.texts_for(req), echo)
         ids = ResponseIds("cmpl", state.model_name)
         if req.stream:
             return _stream(state, _completion_chunks(state, choices, ids, req))
@@ -144,7 +147,7 @@ def build_app(engine: EngineClient) -> FastAPI:
             add_generation_prompt=req.add_generation_prompt,
             chat_template_kwargs=req.chat_template_kwargs,
         )
-        choices = Choices(options, state.job(req, prompt_ids, req.output_limit), state.texts)
+        choices = Choices(options, state.job(req, prompt_ids, req.output_limit), state.texts_for(req))
         ids = ResponseIds("chatcmpl", state.model_name)
         if req.stream:
             return _stream(state, _chat_chunks(state, choices, ids, req))

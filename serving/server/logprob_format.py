@@ -22,11 +22,18 @@ FLOOR = -9999.0
 class TokenTexts:
     """Token id -> its text as logprobs show it; cached because alternatives repeat across positions."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, *, as_ids: bool = False) -> None:
         self._tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._as_ids = as_ids
+
+    def as_ids(self) -> TokenTexts:
+        """The same, naming tokens `token_id:<id>` (vLLM's return_tokens_as_token_ids)."""
+        return TokenTexts(self._tokenizer, as_ids=True)
 
     def __call__(self, token_id: int) -> str:
+        if self._as_ids:
+            return f"token_id:{token_id}"
         text = self._cache.get(token_id)
         if text is None:
             text = str(self._tokenizer.decode([token_id], skip_special_tokens=False))

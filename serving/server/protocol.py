@@ -74,6 +74,8 @@ class _GenerationRequest(_Strict):
     """vLLM extension: keep generating past EOS (benchmarks force output lengths with it)."""
     priority: int = 0
     """Extension: lower is served first when the scheduler's queue_order is `priority`."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM extension: logprobs name tokens `token_id:<id>` (exact ids, whatever their text)."""
     # metadata: accepted, changes nothing
     user: str | None = None
     metadata: dict[str, Any] | None = None
