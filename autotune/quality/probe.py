@@ -10,7 +10,8 @@ that is there and the top-k alternatives. On the same positions and contexts:
 - mean KL(reference || trial) over every scored position, estimated from the reference's top-k with one
   bucket for the rest of the vocabulary; a token outside the trial's top-k gets the trial's k-th logprob
   (an upper bound), so the estimate is 0 exactly when both agree and grows with any difference;
-- perplexity of the probe text (prompt + continuation) under the trial.
+- perplexity of the reference's continuations under the trial (the probe prompts are workload text,
+  random tokens for synthetic workloads; the continuations are the model's own text).
 Requests go one at a time, so the scores do not depend on batching.
 """
 
@@ -147,8 +148,8 @@ def compare(reference: list[Scored], trial: list[Scored], continuation_lens: lis
             if i >= start:
                 total += 1
                 agree += max(cand_top, key=cand_top.__getitem__) == ref.tokens[i]
-        trial_lp += cand.logprobs
-        ref_lp += ref.logprobs
+        trial_lp += cand.logprobs[start:]
+        ref_lp += ref.logprobs[start:]
     return Fidelity(
         token_agreement=agree / total if total else 1.0,
         mean_kl=sum(kls) / len(kls) if kls else 0.0,

@@ -36,8 +36,8 @@ class QualitySettings:
     max_mean_kl: float | None = 0.05
     """Infeasible above this mean KL(reference || trial) in nats per position (null: report only)."""
     max_perplexity_ratio: float | None = 1.05
-    """Infeasible when the trial's perplexity of the probe text exceeds the reference's by this factor
-    (real checkpoints only; null: report only)."""
+    """Infeasible when the trial's perplexity of the reference's continuations exceeds the reference's
+    own by this factor (real checkpoints only; null: report only)."""
     enforce_on_dummy_weights: bool = False
     """Dummy (random) weights make every quality number synthetic: by default they are measured and
     reported but bound nothing."""
