@@ -16,7 +16,9 @@ from autotune.config.settings import ObjectivesSettings
 from autotune.quality.guard import QualityGuard
 from autotune.quality.probe import Scored, compare, top_k_kl
 from autotune.quality.settings import QualitySettings
+from autotune.report import quality as quality_report
 from autotune.report.objectives import Objectives
+from autotune.report.results import TrialRecord
 from autotune.traffic.config import WorkloadConfig
 from serving.config import ConfigError, DeploymentConfig
 from serving.launch import ServerProcess
@@ -173,3 +175,19 @@ def test_compare_scores_agreement_on_the_continuation_only() -> None:
     assert fidelity.mean_kl > 0
     assert fidelity.perplexity == pytest.approx(1 / 0.8)
     assert fidelity.reference_perplexity == pytest.approx(1 / 0.9)
+
+
+def record(number: int, **metrics: float) -> TrialRecord:
+    return TrialRecord(number, "COMPLETE", {}, {}, dict(metrics), (1.0,))
+
+
+def test_report_shows_quality_next_to_speed_and_says_when_it_is_synthetic() -> None:
+    real = [record(0, output_throughput=10.0, quality_synthetic=0.0, quality_token_agreement=0.75)]
+    assert quality_report.header(real) == ["token agreement", "mean KL", "perplexity ratio"]
+    assert quality_report.cells(real[0], real) == [0.75, "", ""]
+    assert "synthetic" not in quality_report.note(real)
+    dummy = [record(1, quality_synthetic=1.0, quality_token_agreement=0.5, quality_mean_kl=0.01)]
+    assert "synthetic" in quality_report.note(dummy) and "not enforced" in quality_report.note(dummy)
+    assert "synthetic" in quality_report.summary(dummy[0])
+    unprobed = [record(2, output_throughput=3.0)]
+    assert quality_report.header(unprobed) == [] and quality_report.note(unprobed) == ""
