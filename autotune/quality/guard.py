@@ -1,10 +1,12 @@
 """The quality guard of a study: the reference's answers (computed once, cached in the study directory),
 the probe every trial runs before its server stops, and the bounds that make a trial infeasible.
 
-Call order: `prepare()` once before the first trial (launches the reference deployment unless the cache
-in <run dir>/quality/reference.json matches the probe and reference), then `probe(url, model, trial_dir)`
-in every trial, while its server still runs. A probe that fails (e.g. a backend that refuses logprobs)
-returns no metrics, so the trial's quality bounds count as violated; the reason is in quality.json.
+Call order: `ready()` before each trial's server starts (the first call launches the reference deployment,
+unless the cache in <run dir>/quality/reference.json matches the probe and reference; later calls return
+at once), then `probe(url, model, trial_dir)` while the trial's server still runs. A reference that
+cannot be computed is reported by every probe, not retried. A probe that fails (e.g. a backend that
+refuses logprobs) returns no quality metrics, so the trial's quality bounds count as violated; the
+reason is in quality.json.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class QualityGuard:
         except ConfigError as err:
             raise ConfigError(f"quality.reference: {err}") from None
         self._reference: Reference | None = None
+        self._failure: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -96,9 +99,22 @@ class QualityGuard:
     def prepare(self) -> Reference:
         """The reference's answers: from the cache when it matches, else computed now and cached."""
         with self._lock:
+            if self._failure is not None:
+                raise RuntimeError(f"the quality reference could not be computed: {self._failure}")
             if self._reference is None:
-                self._reference = self._load() or self._compute()
+                try:
+                    self._reference = self._load() or self._compute()
+                except Exception as err:
+                    self._failure = f"{type(err).__name__}: {err}"
+                    raise
             return self._reference
+
+    def ready(self) -> None:
+        """prepare(), its failure kept for the probes to report (a trial still measures its speed)."""
+        try:
+            self.prepare()
+        except Exception as err:
+            log.warning("quality reference: %s", err)
 
     def probe(self, url: str, model: str, trial_dir: Path) -> dict[str, float]:
         """Score a running deployment: quality_* metrics (only quality_synthetic when the probe failed: the

@@ -99,8 +99,6 @@ class StudyLoop:
         self.workers.fail_orphans()
         self.workers.requeue_interrupted()  # also the ones a Ctrl-C left for this run
         self.enqueue_seeds()
-        if self.ctx.quality is not None:  # the reference's answers, once per study (cached in run_dir)
-            self.ctx.quality.prepare()
         for o in self.observers:
             o.study_started(self.ctx.name, total, load_records(self.study))
         self.workers.start_heartbeats()
@@ -260,6 +258,9 @@ class StudyLoop:
         trial.set_user_attr(R.TRIAL_DIR, str(trial_dir))
         trial.set_user_attr(R.DEVICES, allocation.describe())
         where = f" on {allocation.describe()}" if self.slots > 1 else ""
+        if self.ctx.quality is not None:  # before the trial's server starts: one server at a time
+            self._phase(trial.number, "quality reference")
+            self.ctx.quality.ready()
         try:
             outcome = run_trial(
                 config,
