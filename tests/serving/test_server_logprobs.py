@@ -268,3 +268,22 @@ def test_best_of_returns_the_most_likely_candidate(builtin: openai.OpenAI) -> No
     totals = [sum(c.logprobs.token_logprobs) for c in candidates.choices if c.logprobs]
     assert best.choices[0].logprobs is not None
     assert sum(best.choices[0].logprobs.token_logprobs) == pytest.approx(max(totals), abs=1e-4)
+
+
+def test_tokens_as_token_ids_name_the_exact_prompt_and_output_ids(client: openai.OpenAI) -> None:
+    """vLLM's return_tokens_as_token_ids (what the quality probe scores by): exact ids, whatever the text."""
+    prompt = [31994, 3853, 5107, 11]
+    choice = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=2,
+        temperature=0,
+        logprobs=2,
+        echo=True,
+        extra_body={**NO_EOS, "return_tokens_as_token_ids": True},
+    ).choices[0]
+    assert choice.logprobs is not None and choice.logprobs.tokens is not None
+    ids = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+    assert ids[:4] == prompt and len(ids) == 6
+    for top in choice.logprobs.top_logprobs[1:] if choice.logprobs.top_logprobs else []:
+        assert all(key.startswith("token_id:") for key in top)
