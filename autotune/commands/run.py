@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from autotune.commands.session import Session, finish, sigterm_as_interrupt, start
 from autotune.config.redact import redact_text, redact_url
+from autotune.report import quality as quality_report
 from autotune.report.html import ReportFiles
 from autotune.report.results import load_records
 from autotune.study.live import LiveView
@@ -72,6 +73,8 @@ def print_summary(session: Session, files: ReportFiles, tracker: Tracker | None)
     elif files.selection_error:
         print(f"no config exported: {files.selection_error}")
     print(f"report: {files.html}")
+    if files.selection and quality_report.probed([files.selection.record]):
+        print(quality_report.summary(files.selection.record))
     uri = redact_url(tracker.uri) if tracker is not None else None
     if uri and uri.startswith(("http://", "https://")):
         print(f"MLflow: {uri}")  # a tracking server: its UI is already there

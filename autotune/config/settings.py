@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from autotune.quality.settings import QualitySettings
 from serving.config import ConfigError
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "grid", "staged")
@@ -229,3 +230,5 @@ class RunSettings:
     trial: TrialSettings = field(default_factory=TrialSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    """The quality guard (autotune/quality): probe, reference and bounds; conf/quality/default.yaml."""

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autotune.config.settings import ExportSettings
+from autotune.report import quality as quality_report
 from autotune.report.curves import draw_capacity_front, draw_load_curves
 from autotune.report.export import NoSelection, Selection, select, write_best
 from autotune.report.objectives import Objectives
@@ -255,13 +256,16 @@ def _html(
             r.state + ("" if r.repeat_of is None else f" (repeat of #{r.repeat_of})"),
             r.label or "base",
             *((r.values or ("",) * len(names))[: len(names)]),
+            *quality_report.cells(r, shown),
             "yes" if r.complete and r.feasible else ("no" if r.complete else ""),
         ]
         for r in shown
     ]
+    if quality_report.note(shown):
+        parts.append(f"<p>{html.escape(quality_report.note(shown))}</p>")
     parts.append(
         _table(
-            ["trial", "state", "configuration", *names, "feasible"],
+            ["trial", "state", "configuration", *names, *quality_report.header(shown), "feasible"],
             rows,
             ["front" if r.number in on_front else "" for r in shown],
         )

@@ -47,9 +47,19 @@ _CAPACITY = {
 """The capacity search's figures (autotune.traffic.capacity); `capacity_<metric>` is a metric at capacity."""
 
 
+_QUALITY = {
+    "quality_token_agreement",
+    "quality_mean_kl",
+    "quality_perplexity",
+    "quality_perplexity_ratio",
+    "quality_synthetic",
+}
+"""The quality probe's metrics (autotune/quality), when the study's quality guard is enabled."""
+
+
 def is_metric_name(metric: str) -> bool:
     """A figure some trial reports: a summary key, at capacity (`capacity_` prefix), or an interval end."""
-    if metric in _CAPACITY:
+    if metric in _CAPACITY or metric in _QUALITY:
         return True
     base = metric.removesuffix("_ci95_low").removesuffix("_ci95_high").removeprefix("capacity_")
     return base in _NAMED or bool(_LATENCY.match(base))
@@ -60,10 +70,11 @@ def check_metric_name(metric: str, where: str) -> None:
     if is_metric_name(metric):
         return
     examples = [f"{s}_{m}_ms" for s in ("mean", "median", "p90", "p99") for m in ("ttft", "tpot", "e2el")]
-    close = closest_key(metric, [*_NAMED, *_CAPACITY, *examples])
+    close = closest_key(metric, [*_NAMED, *_CAPACITY, *_QUALITY, *examples])
     hint = f" (did you mean {close!r}?)" if close else ""
+    named = sorted(_NAMED | _CAPACITY | _QUALITY)
     raise ConfigError(
-        f"{where}: {metric!r} is not a benchmark metric{hint}; use one of {sorted(_NAMED | _CAPACITY)}, "
+        f"{where}: {metric!r} is not a benchmark metric{hint}; use one of {named}, "
         "{mean,median,std,p50,p90,p95,p99}_{ttft,tpot,itl,e2el}_ms, a `capacity_` prefix for the figure "
         "at capacity, or a `_ci95_low` / `_ci95_high` suffix for its interval"
     )
@@ -74,6 +85,8 @@ class Objectives:
     """Ordered objectives and constraints; values are what Optuna is told."""
 
     settings: ObjectivesSettings
+    extra_bounds: tuple[tuple[str, str, float], ...] = ()
+    """Bounds from other sections (the quality guard's), as (metric, 'max' | 'min', bound)."""
 
     def __post_init__(self) -> None:
         for metric in self.settings.directions:
@@ -81,6 +94,10 @@ class Objectives:
         for section in ("constraints", "min_constraints"):  # disabled (null) ones too: a typo is a typo
             for metric in getattr(self.settings, section):
                 check_metric_name(metric, f"objectives.{section}.{metric}")
+
+    def bounds(self) -> list[tuple[str, str, float]]:
+        """Every active constraint: objectives.constraints / min_constraints, then the extra bounds."""
+        return [*self.settings.bounds(), *self.extra_bounds]
 
     @property
     def names(self) -> list[str]:
@@ -105,11 +122,11 @@ class Objectives:
     def constraint_values(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Optuna convention: <= 0 is satisfied; the value is how far past the bound the metric is."""
         out: dict[str, float] = {}
-        for metric, kind, bound in self.settings.bounds():
+        for metric, kind, bound in self.bounds():
             value = float(metrics.get(metric, math.inf if kind == "max" else -math.inf))
             excess = value - bound if kind == "max" else bound - value
             out[f"{metric}_{kind}"] = excess if math.isfinite(excess) else 1e12
         return out
 
     def describe_constraints(self) -> list[str]:
-        return [f"{m} {'<=' if k == 'max' else '>='} {b:g}" for m, k, b in self.settings.bounds()]
+        return [f"{m} {'<=' if k == 'max' else '>='} {b:g}" for m, k, b in self.bounds()]

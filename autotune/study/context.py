@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config.settings import RunSettings
+from autotune.quality.guard import QualityGuard, build_guard
 from autotune.report.objectives import Objectives, check_metric_name
 from autotune.space.machine import narrow_to_machine
 from autotune.space.parse import load_space
@@ -36,6 +37,8 @@ class StudyContext:
     storage_url: str
     traffic: Traffic
     """The workload, arrival, SLOs and client every trial uses, typed and checked once at start."""
+    quality: QualityGuard | None = None
+    """The quality guard every trial is probed by (None when quality.enabled is false)."""
 
     @property
     def name(self) -> str:
@@ -97,15 +100,16 @@ def build_traffic(settings: RunSettings, base: DeploymentConfig) -> Traffic:
 def build_context(settings: RunSettings, *, devices: Devices | None = None) -> StudyContext:
     space = load_space(settings.search.space)
     base = base_deployment(space, settings.deployment)
-    objectives = Objectives(settings.objectives)  # metric names checked here, before any launch
-    if settings.export.policy == "max_throughput_within_slo":
-        check_metric_name(settings.export.throughput_metric, "export.throughput_metric")
     study = settings.study
     run_dir = (Path(study.runs_dir) / study.name).resolve()
     report_dir = (Path(study.reports_dir) / study.name).resolve()
     storage = study.storage or f"sqlite:///{run_dir / 'study.db'}"
     traffic = build_traffic(settings, base)
     check_workload_fits(traffic.workload, base.model)
+    quality = build_guard(settings.quality, base, traffic.workload, run_dir, settings.trial.startup_timeout_s)
+    objectives = Objectives(settings.objectives, tuple(quality.bounds()) if quality else ())
+    if settings.export.policy == "max_throughput_within_slo":  # metric names checked before any launch
+        check_metric_name(settings.export.throughput_metric, "export.throughput_metric")
     devices = devices or detect_devices(base.device)
     return StudyContext(
         settings=settings,
@@ -118,4 +122,5 @@ def build_context(settings: RunSettings, *, devices: Devices | None = None) -> S
         report_dir=report_dir,
         storage_url=storage,
         traffic=traffic,
+        quality=quality,
     )

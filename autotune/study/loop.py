@@ -258,6 +258,9 @@ class StudyLoop:
         trial.set_user_attr(R.TRIAL_DIR, str(trial_dir))
         trial.set_user_attr(R.DEVICES, allocation.describe())
         where = f" on {allocation.describe()}" if self.slots > 1 else ""
+        if self.ctx.quality is not None:  # before the trial's server starts: one server at a time
+            self._phase(trial.number, "quality reference")
+            self.ctx.quality.ready()
         try:
             outcome = run_trial(
                 config,
@@ -268,6 +271,7 @@ class StudyLoop:
                 extra_env=allocation.env(),
                 on_phase=lambda text: self._phase(trial.number, text + where),
                 cancel=self.cancel,
+                probe=self.ctx.quality.probe if self.ctx.quality else None,
             )
         except BaseException:
             self._interrupted(trial)

@@ -85,11 +85,13 @@ def run_trial(
     extra_env: dict[str, str] | None = None,
     on_phase: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
+    probe: Callable[[str, str, Path], dict[str, float]] | None = None,
 ) -> TrialOutcome:
     """Launch on a free port, wait for /health, benchmark (with warm-up), stop the process group.
 
     Setting `cancel` stops the trial within a fraction of a second: the server is stopped and
     TrialCancelled raised, so the caller records an interruption rather than a failed configuration.
+    `probe(url, model, trial_dir)` (the quality guard's) runs after a usable benchmark; its metrics join.
     """
     from serving.launch import ServerProcess
 
@@ -121,6 +123,9 @@ def run_trial(
             records_path = trial_dir / "steps"
         metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
         reason = _judge(summary, failures, server.poll(), settings)
+        if probe is not None and reason is None:
+            phase("quality probe")
+            metrics.update(probe(server.url, config.model.name, trial_dir))
     except WatchError as err:  # died, hung or cancelled while the benchmark ran: the message says which
         reason = str(err)
     except TimeoutError:

@@ -159,6 +159,7 @@ class LLMEngine:
         started = time.perf_counter()
         sampled = self.runner.execute(out)
         outputs = self.scheduler.postprocess(out, sampled)
+        self.runner.logprobs.attach(outputs)
         self.last_step_seconds = time.perf_counter() - started
         self.account(outputs)
         return outputs

@@ -9,6 +9,7 @@ import torch
 from serving.config import AttentionBackend
 from serving.engine.attention import METADATA_KWARG
 from serving.engine.attention_metadata import build_metadata
+from serving.engine.logprobs import LogprobsCollector
 from serving.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
@@ -62,16 +63,21 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._default_generator = torch.Generator(device=device)
         self._default_generator.seed()
+        self.logprobs = LogprobsCollector()
+        """Logprobs of the last execute(); the engine attaches them to that step's outputs."""
 
     def step_inputs(self, out: SchedulerOutput) -> tuple[list[ScheduledSequence], dict[str, Any]]:
         """The step's rows (decodes first) and the model's keyword arguments for their flattened tokens."""
         rows = sorted(out.scheduled, key=lambda r: r.num_tokens != 1)
         input_ids: list[int] = []
         keep: list[int] = []
+        offsets: list[int] = []
         for row in rows:
+            offsets.append(len(input_ids))
             input_ids.extend(row.seq.token_ids[row.start : row.start + row.num_tokens])
             if row.sample:
                 keep.append(len(input_ids) - 1)
+        keep.extend(self.logprobs.prompt_positions(rows, offsets))  # prompt logprobs: after the sampled rows
         meta = build_metadata(
             self.attention,
             self.kv_caches,
@@ -96,7 +102,8 @@ class ModelRunner:
         rows, kwargs = self.step_inputs(out)
         logits = self.model(use_cache=False, **kwargs).logits[0]
         sampling_rows = [r for r in rows if r.sample]
-        tokens = self._sample(logits, sampling_rows)
+        tokens = self._sample(logits[: len(sampling_rows)], sampling_rows)
+        self.logprobs.record(logits, sampling_rows, tokens)
         by_seq = {id(r.seq): t for r, t in zip(sampling_rows, tokens, strict=True)}
         return [by_seq[id(r.seq)] for r in out.scheduled if r.sample]
 
@@ -139,5 +146,6 @@ class ModelRunner:
         return gen
 
     def release(self, request_id: str) -> None:
-        """Forget a finished or aborted request's generator."""
+        """Forget a finished or aborted request's generator and logprobs."""
         self._generators.pop(request_id, None)
+        self.logprobs.release(request_id)

@@ -10,6 +10,9 @@ GREEDY_BELOW = 1e-5
 is what either means in the limit: logits divided by 1e-320 are inf (softmax NaN), and a top_p that
 float32 rounds to 0 masks every token; either distribution would kill the step loop for the batch."""
 
+MAX_LOGPROBS = 20
+"""Most alternatives per token (OpenAI's top_logprobs limit, vLLM's default max_logprobs)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,6 +30,10 @@ class SamplingParams:
     """Keep generating past eos (benchmarks force output lengths with it)."""
     stop_token_ids: tuple[int, ...] = ()
     """Extra token ids that end the request (finish_reason "stop")."""
+    logprobs: int | None = None
+    """Log-probability of each output token plus this many alternatives (0: only the token's); None: none."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (what `echo` with `logprobs` returns)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +44,10 @@ class SamplingParams:
             )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} is invalid: use a value in (0, 1]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name}={value} is invalid: use 0 to {MAX_LOGPROBS} alternatives")
 
     @property
     def greedy(self) -> bool:

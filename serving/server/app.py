@@ -28,16 +28,11 @@ from serving.engine.sampling_params import SamplingParams
 from serving.server import errors
 from serving.server.admission import Admission, AdmissionMiddleware
 from serving.server.auth import APIKeyMiddleware
+from serving.server.choices import Choices
 from serving.server.errors import APIError
-from serving.server.generation import (
-    Completion,
-    DeadlineExceeded,
-    GenerationJob,
-    TokenEvent,
-    generate_completion,
-    generate_events,
-)
+from serving.server.generation import Completion, DeadlineExceeded, GenerationJob, TokenEvent
 from serving.server.http_metrics import HTTPMetrics, HTTPMetricsMiddleware
+from serving.server.logprob_format import TokenTexts
 from serving.server.openapi import install_openapi
 from serving.server.prompts import check_token_ids, encode_chat, encode_text, output_budget
 from serving.server.protocol import (
@@ -47,16 +42,7 @@ from serving.server.protocol import (
     TokenizeRequest,
     _GenerationRequest,
 )
-from serving.server.responses import (
-    DONE,
-    ResponseIds,
-    chat_body,
-    chat_chunk,
-    completion_body,
-    completion_chunk,
-    error_event,
-    usage_chunk,
-)
+from serving.server.responses import DONE, ResponseIds, error_event, usage_chunk
 
 ROUTES = (
     "/v1/completions",
@@ -85,8 +71,12 @@ class ServerState:
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self.vocab_size = len(engine.tokenizer)
+        self.texts = TokenTexts(engine.tokenizer)
         self.metrics = metrics
         self.created = int(time.time())
+
+    def texts_for(self, req: _GenerationRequest) -> TokenTexts:
+        return self.texts.as_ids() if req.return_tokens_as_token_ids else self.texts
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -147,6 +137,7 @@ def build_app(
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
         _check_generation(state, req)
+        options = req.output_options()
         prompt = req.single_prompt()
         if isinstance(prompt, str):
             prompt_ids = encode_text(state.tokenizer, prompt, add_special_tokens=req.add_special_tokens)
@@ -154,26 +145,31 @@ def build_app(
             check_token_ids(prompt, state.vocab_size, "prompt")
             prompt_ids = list(prompt)
         job = state.job(req, prompt_ids, req.max_tokens)
+        echo = (
+            "" if not options.echo else prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt)
+        )
+        choices = Choices(options, job, state.texts_for(req), echo)
         ids = ResponseIds("cmpl", state.model_name)
         if req.stream:
-            return _stream(state, _completion_chunks(state, job, ids, req))
-        return await _complete(request, state, job, lambda done: completion_body(ids, done))
+            return _stream(state, _completion_chunks(state, choices, ids, req))
+        return await _complete(request, state, choices, lambda dones: choices.completion_body(ids, dones))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         _check_generation(state, req)
+        options = req.output_options()
         prompt_ids = encode_chat(
             state.tokenizer,
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
             chat_template_kwargs=req.chat_template_kwargs,
         )
-        job = state.job(req, prompt_ids, req.output_limit)
+        choices = Choices(options, state.job(req, prompt_ids, req.output_limit), state.texts_for(req))
         ids = ResponseIds("chatcmpl", state.model_name)
         if req.stream:
-            return _stream(state, _chat_chunks(state, job, ids, req))
-        return await _complete(request, state, job, lambda done: chat_body(ids, done))
+            return _stream(state, _chat_chunks(state, choices, ids, req))
+        return await _complete(request, state, choices, lambda dones: choices.chat_body(ids, dones))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -270,15 +266,18 @@ async def _until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) 
 
 
 async def _complete(
-    request: Request, state: ServerState, job: GenerationJob, body: Callable[[Completion], dict[str, Any]]
+    request: Request,
+    state: ServerState,
+    choices: Choices,
+    body: Callable[[list[Completion]], dict[str, Any]],
 ) -> Response:
     """The whole completion as JSON (499 if the client goes away first), counted by how it finished."""
-    done = await _until_disconnect(request, lambda: generate_completion(state.engine, job))
-    if done is None:
+    dones = await _until_disconnect(request, lambda: choices.complete(state.engine))
+    if dones is None:
         state.metrics.finished.labels("disconnect").inc()
         return Response(status_code=499)
-    state.metrics.finished.labels(done.finish_reason or "none").inc()
-    return JSONResponse(body(done))
+    state.metrics.finished.labels(dones[0].finish_reason or "none").inc()
+    return JSONResponse(body(dones))
 
 
 def _as_api_error(err: BaseException) -> BaseException:
@@ -321,26 +320,26 @@ async def _guarded(state: ServerState, chunks: AsyncIterator[str]) -> AsyncItera
 
 
 async def _completion_chunks(
-    state: ServerState, job: GenerationJob, ids: ResponseIds, req: CompletionRequest
+    state: ServerState, choices: Choices, ids: ResponseIds, req: CompletionRequest
 ) -> AsyncIterator[str]:
-    last: TokenEvent | None = None
-    async for event in generate_events(state.engine, job):
-        last = event
-        yield completion_chunk(ids, event, with_usage=req.include_usage, continuous=req.continuous_usage)
-    async for tail in _stream_end(state, job, ids, "text_completion", req, last):
+    last: dict[int, TokenEvent] = {}
+    async for index, event in choices.events(state.engine):
+        last[index] = event
+        yield choices.completion_chunk(
+            ids, index, event, usage=req.include_usage, continuous=req.continuous_usage
+        )
+    async for tail in _stream_end(state, choices.base, ids, "text_completion", req, last):
         yield tail
 
 
 async def _chat_chunks(
-    state: ServerState, job: GenerationJob, ids: ResponseIds, req: ChatCompletionRequest
+    state: ServerState, choices: Choices, ids: ResponseIds, req: ChatCompletionRequest
 ) -> AsyncIterator[str]:
-    last: TokenEvent | None = None
-    async for event in generate_events(state.engine, job):
-        yield chat_chunk(
-            ids, event, first=last is None, with_usage=req.include_usage, continuous=req.continuous_usage
-        )
-        last = event
-    async for tail in _stream_end(state, job, ids, "chat.completion.chunk", req, last):
+    last: dict[int, TokenEvent] = {}
+    async for index, event in choices.events(state.engine):
+        last[index] = event
+        yield choices.chat_chunk(ids, index, event, usage=req.include_usage, continuous=req.continuous_usage)
+    async for tail in _stream_end(state, choices.base, ids, "chat.completion.chunk", req, last):
         yield tail
 
 
@@ -350,10 +349,12 @@ async def _stream_end(
     ids: ResponseIds,
     obj: str,
     req: _GenerationRequest,
-    last: TokenEvent | None,
+    last: dict[int, TokenEvent],
 ) -> AsyncIterator[str]:
-    state.metrics.finished.labels(last.finish_reason or "none" if last else "abort").inc()
+    """Count how the stream finished (by its first choice), send the usage of every choice, then [DONE]."""
+    first = last.get(0)
+    state.metrics.finished.labels(first.finish_reason or "none" if first else "abort").inc()
     if req.include_usage:
-        num_prompt = last.num_prompt_tokens if last else len(job.prompt_token_ids)
-        yield usage_chunk(ids, obj, num_prompt, last.num_output_tokens if last else 0)
+        num_output = sum(event.num_output_tokens for event in last.values())
+        yield usage_chunk(ids, obj, len(job.prompt_token_ids), num_output)
     yield DONE

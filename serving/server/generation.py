@@ -8,14 +8,15 @@ blocks are freed at once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 
 import anyio
 
 from serving.engine.client import EngineClient
-from serving.engine.outputs import RequestOutput
+from serving.engine.outputs import RequestOutput, TokenLogprob
 from serving.engine.sampling_params import SamplingParams
 from serving.server.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from serving.server.stop_strings import StopStringMatcher
@@ -51,6 +52,10 @@ class TokenEvent:
     """`stop`, `length` or `abort` on the last event, else None."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the output (vLLM's field)."""
+    logprob: TokenLogprob | None = None
+    """This token's logprob when the request asked for them (None on a token-less final event)."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On the first event when the request asked for prompt logprobs: prompt tokens 1.."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,17 @@ class Completion:
     stop_reason: str | int | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per output token when the request asked for logprobs."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """Sum of the output tokens' logprobs: what best_of ranks candidates by."""
+        return sum(lp.logprob for lp in self.logprobs)
 
 
-async def generate_events(engine: EngineClient, job: GenerationJob) -> AsyncIterator[TokenEvent]:
+async def generate_events(engine: EngineClient, job: GenerationJob) -> AsyncGenerator[TokenEvent, None]:
     """Events for every output token; the request is aborted in the engine unless it finished there."""
     state = _Decoder(engine, job)
     finished_in_engine = False
@@ -103,14 +116,26 @@ async def _next_before(outputs: AsyncIterator[RequestOutput], deadline: float | 
 async def generate_completion(engine: EngineClient, job: GenerationJob) -> Completion:
     """Run a request to its end and join the text."""
     pieces: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    prompt_logprobs: list[TokenLogprob] | None = None
     last: TokenEvent | None = None
     async for event in generate_events(engine, job):
         pieces.append(event.text)
+        if event.logprob is not None:
+            logprobs.append(event.logprob)
+        if event.prompt_logprobs is not None:
+            prompt_logprobs = event.prompt_logprobs
         last = event
     if last is None:  # the engine ended the stream without a final output
         return Completion("", "abort", None, len(job.prompt_token_ids), 0)
     return Completion(
-        "".join(pieces), last.finish_reason, last.stop_reason, last.num_prompt_tokens, last.num_output_tokens
+        "".join(pieces),
+        last.finish_reason,
+        last.stop_reason,
+        last.num_prompt_tokens,
+        last.num_output_tokens,
+        logprobs,
+        prompt_logprobs,
     )
 
 
@@ -129,8 +154,13 @@ class _Decoder:
         for k, token_id in enumerate(ids):
             self._count += 1
             last = output.finished and k == len(ids) - 1
-            events.append(self._event(token_id, output, last))
-            if events[-1].finish_reason is not None:
+            event = self._event(token_id, output, last)
+            logprob = output.new_logprobs[k] if output.new_logprobs else None
+            prompt = output.prompt_logprobs if k == 0 else None
+            if logprob is not None or prompt is not None:
+                event = dataclasses.replace(event, logprob=logprob, prompt_logprobs=prompt)
+            events.append(event)
+            if event.finish_reason is not None:
                 return events
         if output.finished and not ids:  # e.g. aborted before any new token
             events.append(self._final("", output, None))

@@ -2,9 +2,11 @@
 
 Unknown fields are rejected by name (`extra="forbid"`). Well-known OpenAI/vLLM fields this server
 does not implement are accepted only at their neutral value (`repetition_penalty: 1.0`,
-`logprobs: null`, ...), because benchmark clients send them; any other value is a 400 naming the
-field, never a silently different sampling. Metadata fields (`user`, `metadata`, `store`,
-`service_tier`, `parallel_tool_calls`) are accepted and ignored because they change nothing.
+`top_k: null`, ...), because benchmark clients send them; any other value is a 400 naming the
+field, never a silently different sampling. `n`, `best_of`, `logprobs`, `top_logprobs` and (for
+completions) `echo` are implemented; `output_options()` checks them together. Metadata fields
+(`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`) are accepted and ignored because
+they change nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,26 @@ from typing import Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.engine.sampling_params import MAX_LOGPROBS
 from serving.server.errors import APIError
+
+MAX_N = 128
+"""Most choices (n, best_of) per request: each is an engine request."""
+
+
+class OutputOptions(BaseModel):
+    """What a response holds beyond one text, decided once per request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n: int = 1
+    """Choices returned."""
+    best_of: int = 1
+    """Candidates generated; the n with the highest cumulative logprob are returned."""
+    logprobs: int | None = None
+    """Alternatives per token (completions' logprobs, chat's top_logprobs); None: no logprobs at all."""
+    echo: bool = False
+    """Completions: the prompt's text (and, with logprobs, its tokens' logprobs) starts every choice."""
 
 
 class _Strict(BaseModel):
@@ -39,6 +60,7 @@ class _GenerationRequest(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     """Default 1.0."""
     seed: int | None = None
+    """Choice i of n uses seed + i, as vLLM does."""
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -52,6 +74,8 @@ class _GenerationRequest(_Strict):
     """vLLM extension: keep generating past EOS (benchmarks force output lengths with it)."""
     priority: int = 0
     """Extension: lower is served first when the scheduler's queue_order is `priority`."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM extension: logprobs name tokens `token_id:<id>` (exact ids, whatever their text)."""
     # metadata: accepted, changes nothing
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -74,7 +98,6 @@ class _GenerationRequest(_Strict):
     echo: bool | None = False
 
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "n": (None, 1),
         "presence_penalty": (None, 0.0),
         "frequency_penalty": (None, 0.0),
         "repetition_penalty": (None, 1.0),
@@ -82,7 +105,6 @@ class _GenerationRequest(_Strict):
         "min_p": (None, 0.0),
         "min_tokens": (None, 0),
         "logit_bias": (None, {}),
-        "best_of": (None, 1),
         "use_beam_search": (None, False),
         "length_penalty": (None, 1.0),
         "skip_special_tokens": (None, True),
@@ -106,6 +128,32 @@ class _GenerationRequest(_Strict):
         for i, stop in enumerate(self.stop_strings):
             if not stop:
                 raise APIError(f"stop[{i}] is empty; remove it", param="stop", code="invalid_value")
+
+    def _choices(self, num_logprobs: int | None, echo: bool, logprobs_param: str) -> OutputOptions:
+        """n and best_of checked against each other, the sampling and streaming (messages as vLLM's)."""
+        n = 1 if self.n is None else self.n
+        best_of = n if self.best_of is None else self.best_of
+        _in_range("n", n, 1, MAX_N)
+        _in_range("best_of", best_of, 1, MAX_N)
+        if best_of < n:
+            raise APIError(f"best_of={best_of} must be >= n={n}", param="best_of", code="invalid_value")
+        if best_of > 1 and self.temperature == 0:
+            name = "n" if n > 1 else "best_of"
+            raise APIError(
+                f"{name} must be 1 when using greedy sampling (temperature=0), got {max(n, best_of)}",
+                param=name,
+                code="invalid_value",
+            )
+        if best_of > n and self.stream:
+            raise APIError(
+                f"best_of={best_of} > n={n} cannot stream (the best are known only at the end); "
+                "drop stream or best_of",
+                param="best_of",
+                code="invalid_value",
+            )
+        if num_logprobs is not None:
+            _in_range(logprobs_param, num_logprobs, 0, MAX_LOGPROBS)
+        return OutputOptions(n=n, best_of=best_of, logprobs=num_logprobs, echo=echo)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -132,10 +180,12 @@ class CompletionRequest(_GenerationRequest):
     suffix: str | None = None
 
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_GenerationRequest.NEUTRAL,
-        "logprobs": (None,),
+        **{k: v for k, v in _GenerationRequest.NEUTRAL.items() if k != "echo"},
         "suffix": (None, ""),
     }
+
+    def output_options(self) -> OutputOptions:
+        return self._choices(self.logprobs, bool(self.echo), "logprobs")
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt in this request; batched prompts are refused by name."""
@@ -193,13 +243,20 @@ class ChatCompletionRequest(_GenerationRequest):
 
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_GenerationRequest.NEUTRAL,
-        "logprobs": (None, False),
-        "top_logprobs": (None, 0),
         "tools": (None, []),
         "tool_choice": (None, "none", "auto"),
         "response_format": (None, {"type": "text"}),
         "continue_final_message": (None, False),
     }
+
+    def output_options(self) -> OutputOptions:
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise APIError(
+                f"top_logprobs={self.top_logprobs} needs logprobs=true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        return self._choices((self.top_logprobs or 0) if self.logprobs else None, False, "top_logprobs")
 
     @property
     def output_limit(self) -> int | None:
@@ -224,6 +281,11 @@ class DetokenizeRequest(_Strict):
 
     model: str | None = None
     tokens: list[int]
+
+
+def _in_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise APIError(f"{name}={value} is invalid: use {low} to {high}", param=name, code="invalid_value")
 
 
 def _json_repr(value: Any) -> str:

@@ -50,35 +50,68 @@ class ResponseIds:
 # --- /v1/completions ---------------------------------------------------------------------------
 
 
-def completion_chunk(ids: ResponseIds, event: TokenEvent, *, with_usage: bool, continuous: bool) -> str:
-    choice = _choice("text", event.text, event)
+def completion_chunk(
+    ids: ResponseIds,
+    event: TokenEvent,
+    *,
+    with_usage: bool,
+    continuous: bool,
+    index: int = 0,
+    text: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> str:
+    """One token of choice `index`; `text` replaces the event's (an echoed prompt before the first token)."""
+    choice = _choice("text", event.text if text is None else text, event, index, logprobs)
     return sse(_chunk(ids, "text_completion", choice, event, with_usage, continuous))
 
 
 def completion_body(ids: ResponseIds, done: Completion) -> dict[str, Any]:
-    return {
-        **_envelope(ids, "text_completion", [_choice("text", done.text, done)]),
-        "usage": usage(done.num_prompt_tokens, done.num_output_tokens),
-    }
+    return choices_body(ids, "text_completion", [_choice("text", done.text, done)], usage_of([done]))
+
+
+def completion_choice(
+    index: int, text: str, done: Completion, logprobs: dict[str, Any] | None, prompt_logprobs: Any
+) -> dict[str, Any]:
+    """A non-streamed completion's choice; vLLM adds `prompt_logprobs` (null unless echoed with logprobs)."""
+    return {**_choice("text", text, done, index, logprobs), "prompt_logprobs": prompt_logprobs}
 
 
 # --- /v1/chat/completions ----------------------------------------------------------------------
 
 
 def chat_chunk(
-    ids: ResponseIds, event: TokenEvent, *, first: bool, with_usage: bool, continuous: bool
+    ids: ResponseIds,
+    event: TokenEvent,
+    *,
+    first: bool,
+    with_usage: bool,
+    continuous: bool,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> str:
     delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-    choice = _choice("delta", delta, event)
+    choice = _choice("delta", delta, event, index, logprobs)
     return sse(_chunk(ids, "chat.completion.chunk", choice, event, with_usage, continuous))
 
 
 def chat_body(ids: ResponseIds, done: Completion) -> dict[str, Any]:
-    choice = _choice("message", {"role": "assistant", "content": done.text}, done)
-    return {
-        **_envelope(ids, "chat.completion", [choice]),
-        "usage": usage(done.num_prompt_tokens, done.num_output_tokens),
-    }
+    return choices_body(ids, "chat.completion", [chat_choice(0, done, None)], usage_of([done]))
+
+
+def chat_choice(index: int, done: Completion, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return _choice("message", {"role": "assistant", "content": done.text}, done, index, logprobs)
+
+
+def choices_body(
+    ids: ResponseIds, obj: str, choices: list[dict[str, Any]], counts: dict[str, int]
+) -> dict[str, Any]:
+    """A non-streamed body: every choice, then the request's usage."""
+    return {**_envelope(ids, obj, choices), "usage": counts}
+
+
+def usage_of(dones: list[Completion]) -> dict[str, int]:
+    """The prompt counted once, the outputs of every generated choice (best_of candidates too) summed."""
+    return usage(dones[0].num_prompt_tokens, sum(d.num_output_tokens for d in dones))
 
 
 def usage_chunk(ids: ResponseIds, obj: str, num_prompt_tokens: int, num_output_tokens: int) -> str:
@@ -112,12 +145,18 @@ def _envelope(ids: ResponseIds, obj: str, choices: list[dict[str, Any]]) -> dict
     return {"id": ids.id, "object": obj, "created": ids.created, "model": ids.model, "choices": choices}
 
 
-def _choice(key: str, content: Any, ending: TokenEvent | Completion) -> dict[str, Any]:
+def _choice(
+    key: str,
+    content: Any,
+    ending: TokenEvent | Completion,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One choice: its content under `key` (text, delta or message), then how it ended (None until then)."""
     return {
-        "index": 0,
+        "index": index,
         key: content,
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": ending.finish_reason,
         "stop_reason": ending.stop_reason,
     }

@@ -10,7 +10,7 @@ from autotune.config.compose import UsageError, build_settings, compose_config, 
 from autotune.config.paths import CONF_DIR
 from autotune.study.context import build_context
 
-GROUPS = ("model", "backend", "search", "objectives", "capacity", "study", "tracking")
+GROUPS = ("model", "backend", "search", "objectives", "capacity", "study", "tracking", "quality")
 
 
 @pytest.mark.parametrize("conf", ["chat", "summarise"])

@@ -74,6 +74,13 @@ def test_run_resume_mlflow_export_and_launch(tmp_path: Path, monkeypatch: pytest
     assert "p99_ttft_ms" in first.data.metrics and first.data.metrics["peak_rss_mb"] > 0
     artifacts = {a.path for a in client.list_artifacts(first.info.run_id)}
     assert {"server.log", "records.jsonl"} <= artifacts
+    # the quality guard probed both trials against the cached float32 reference; dummy weights: synthetic
+    assert first.data.metrics["quality_synthetic"] == 1.0
+    assert (
+        0 <= first.data.metrics["quality_token_agreement"] <= 1 and first.data.metrics["quality_mean_kl"] >= 0
+    )
+    assert (tmp_path / "runs/e2e/quality/reference.json").is_file()
+    assert "synthetic" in (tmp_path / "reports/e2e/report.html").read_text()
 
     # resume: one more configuration is measured, the first two are not measured again
     assert run_command.main(["conf=chat", *TINY, "study.n_trials=3"]) == 0

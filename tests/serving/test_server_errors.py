@@ -45,7 +45,17 @@ CASES: list[tuple[str, str, Any, int, str | None, str | None]] = [
         "max_tokens",
         "invalid_value",
     ),
-    ("n=2", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "unsupported_value"),
+    ("n=0", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "invalid_value"),
+    ("greedy n=2", "/v1/completions", {"prompt": "x", "n": 2, "temperature": 0}, 400, "n", "invalid_value"),
+    ("logprobs=21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "invalid_value"),
+    (
+        "top_logprobs without logprobs",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+        "invalid_value",
+    ),
     (
         "prompt too long",
         "/v1/completions",

@@ -96,6 +96,7 @@ def api_error(model: type[CompletionRequest | ChatCompletionRequest], body: dict
         return from_validation_error(err)
     with pytest.raises(APIError) as info:
         req.check_supported()
+        req.output_options()
         if isinstance(req, CompletionRequest):
             req.single_prompt()
     return info.value
@@ -133,9 +134,14 @@ def test_vllm_benchmark_payloads_are_accepted() -> None:
     [
         ({"prompt": "x", "frobnicate": 1}, "frobnicate", "unknown_field"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens", "invalid_value"),
-        ({"prompt": "x", "n": 2}, "n", "unsupported_value"),
+        ({"prompt": "x", "n": 0}, "n", "invalid_value"),
+        ({"prompt": "x", "n": 129}, "n", "invalid_value"),
+        ({"prompt": "x", "n": 2, "temperature": 0}, "n", "invalid_value"),
+        ({"prompt": "x", "n": 3, "best_of": 2}, "best_of", "invalid_value"),
+        ({"prompt": "x", "best_of": 2, "stream": True}, "best_of", "invalid_value"),
         ({"prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty", "unsupported_value"),
-        ({"prompt": "x", "logprobs": 3}, "logprobs", "unsupported_value"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs", "invalid_value"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs", "invalid_value"),
         ({"prompt": ["a", "b"]}, "prompt", "unsupported_value"),
         ({"prompt": "x", "top_p": 0}, "top_p", "invalid_value"),
         (
@@ -153,6 +159,21 @@ def test_bad_completion_fields_are_named(body: dict[str, Any], param: str, code:
     if code:
         assert err.code == code
     assert param.split(".")[-1] in err.message
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ({"echo": True}, "echo", "unsupported_value"),
+        ({"n": 2, "temperature": 0}, "n", "invalid_value"),
+    ],
+)
+def test_bad_chat_fields_are_named(body: dict[str, Any], param: str, code: str) -> None:
+    err = api_error(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], **body})
+    assert (err.status, err.param, err.code) == (400, param, code)
+    assert param in err.message
 
 
 def test_non_text_chat_content_is_refused_by_name() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from serving.engine.distributed.rank_group import RankGroup, RankGroupEngine, Ra
 from serving.engine.distributed.step_codec import encode, strip_caches
 from serving.engine.model_runner import ModelRunner, model_dtype
 from serving.engine.outputs import RequestOutput
+from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
@@ -125,6 +127,7 @@ class PipelineEngine(RankGroupEngine):
         super().__init__(config, part, tokenizer, group)
         device = next(iter(part.model.parameters())).device
         self.runner: PipelineRunner = PipelineRunner(config, part, group, device)
+        self.pp_size = config.parallel.pp
         self.depth = config.parallel.pp if config.scheduler.policy == "continuous" else 1
         self.inflight: deque[MicroBatch] = deque()
         self.peak_inflight = 0
@@ -134,6 +137,15 @@ class PipelineEngine(RankGroupEngine):
 
     def has_unfinished(self) -> bool:
         return bool(self.inflight) or super().has_unfinished()
+
+    def validate_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """Logprobs need every row's logits on rank 0; the last stage sends back only random rows'."""
+        super().validate_request(prompt_token_ids, params)
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            raise ValueError(
+                f"logprobs are not computed with parallel.pp={self.pp_size} (pipeline parallel): "
+                "drop logprobs/echo, or serve with parallel.pp=1"
+            )
 
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline, then complete the oldest micro-batch ([] and idle when none is in flight)."""
