@@ -277,7 +277,7 @@ class CapacitySearch:
         summary["ttft_growth_s_per_s_ci95_low"] = growth_low
         ttft_slo = None if self.slo.ttft_ms is None else self.slo.ttft_ms / 1000.0
         late = [r.ttft for r in sorted(records, key=lambda r: r.scheduled)[len(records) // 2 :] if r.success]
-        trend_s = max(growth, 0.0) * self.settings.sustain_s
+        trend_s = max(growth_low, 0.0) * self.settings.sustain_s  # jitter is not read as a growing queue
         projected = (float(np.median(late)) if late else math.inf) + trend_s
         sustained = ttft_slo is None or projected <= ttft_slo
         carried = kind != "probe" and not stopped and share >= self.slo.attainment and sustained
