@@ -41,7 +41,7 @@ unit: setup
 	$(BIN)/pytest -q -m "not vllm and not postgres"
 
 test: lint typecheck $(VLLM_STAMP)
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=25
 
 clean:
 	rm -rf $(VENV) .venv-vllm .mypy_cache .ruff_cache .pytest_cache

@@ -7,18 +7,16 @@ Unknown keys are rejected by name, because a misspelled knob in a tuner is a sil
 from __future__ import annotations
 
 import dataclasses
-import functools
 import shlex
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
 from serving.dotted import closest_key, flatten, unknown_key_message  # noqa: F401 (re-exported)
+from serving.schema import ConfigError, build, coerce, nest, require, type_hints
 
 SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
 """Model configs shipped with the package, addressable by bare name (`model.path: llama-57m`)."""
@@ -41,10 +39,6 @@ REDACTED = "<redacted>"
 SECRET_KEYS = frozenset({"server.api_key"})
 
 
-class ConfigError(ValueError):
-    """A deployment config that cannot be used; the message names the field and the fix."""
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "llama-57m"
@@ -61,7 +55,7 @@ class ModelConfig:
     """Tokenizer directory when it is not the model directory."""
 
     def __post_init__(self) -> None:
-        _require(self.max_model_len >= 16, "model.max_model_len", self.max_model_len, "use at least 16")
+        require(self.max_model_len >= 16, "model.max_model_len", self.max_model_len, "use at least 16")
 
     @property
     def name(self) -> str:
@@ -96,7 +90,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp"):
             value = getattr(self, name)
-            _require(value >= 1, f"parallel.{name}", value, "use a positive integer")
+            require(value >= 1, f"parallel.{name}", value, "use a positive integer")
 
     @property
     def world_size(self) -> int:
@@ -127,14 +121,14 @@ class SchedulerConfig:
     """Static policy: how long to gather a batch before running it."""
 
     def __post_init__(self) -> None:
-        _require(self.max_num_seqs >= 1, "scheduler.max_num_seqs", self.max_num_seqs, "use at least 1")
-        _require(
+        require(self.max_num_seqs >= 1, "scheduler.max_num_seqs", self.max_num_seqs, "use at least 1")
+        require(
             self.max_num_batched_tokens >= 16,
             "scheduler.max_num_batched_tokens",
             self.max_num_batched_tokens,
             "use at least 16",
         )
-        _require(self.batch_wait_ms >= 0, "scheduler.batch_wait_ms", self.batch_wait_ms, "use >= 0")
+        require(self.batch_wait_ms >= 0, "scheduler.batch_wait_ms", self.batch_wait_ms, "use >= 0")
         if self.chunked_prefill and self.policy != "continuous":
             raise ConfigError(
                 "scheduler.chunked_prefill=true needs scheduler.policy=continuous, "
@@ -154,13 +148,13 @@ class CacheConfig:
     vLLM: --enable-prefix-caching / --no-enable-prefix-caching; SGLang: its radix cache."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.block_size in (8, 16, 32, 64, 128),
             "cache.block_size",
             self.block_size,
             "use 8-128, power of 2",
         )
-        _require(self.kv_cache_memory_gb > 0, "cache.kv_cache_memory_gb", self.kv_cache_memory_gb, "use > 0")
+        require(self.kv_cache_memory_gb > 0, "cache.kv_cache_memory_gb", self.kv_cache_memory_gb, "use > 0")
 
 
 @dataclass(frozen=True)
@@ -186,13 +180,13 @@ class ServerConfig:
     best.yaml, logs) holds '<redacted>', which a server reads back as $SERVING_API_KEY."""
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port <= 65535, "server.port", self.port, "use 0-65535")
+        require(0 <= self.port <= 65535, "server.port", self.port, "use 0-65535")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("server.api_key is empty: give a key, or null for none")
         if self.max_waiting is not None:
-            _require(self.max_waiting >= 0, "server.max_waiting", self.max_waiting, "use >= 0, or null")
+            require(self.max_waiting >= 0, "server.max_waiting", self.max_waiting, "use >= 0, or null")
         if self.request_timeout_s is not None:
-            _require(
+            require(
                 self.request_timeout_s > 0,
                 "server.request_timeout_s",
                 self.request_timeout_s,
@@ -255,7 +249,7 @@ class DeploymentConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeploymentConfig:
         """Build from nested mappings, rejecting unknown keys and wrongly typed values by name."""
-        return _build(cls, data, prefix="")
+        return build(cls, data, prefix="")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> DeploymentConfig:
@@ -302,91 +296,12 @@ class DeploymentConfig:
         return DeploymentConfig.from_flat(flat)
 
 
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted keys as nested mappings ({"a.b": 1} -> {"a": {"b": 1}})."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is a value, not a section")
-        node[leaf] = value
-    return nested
-
-
-def _require(ok: bool, name: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: {fix}")
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    """get_type_hints evaluates every annotation string anew; a tuner builds thousands of configs."""
-    return get_type_hints(cls)
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = _type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(unknown_key_message(f"{prefix}{key}", [f"{prefix}{n}" for n in names]))
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # pragma: no cover - dataclass signature errors are programming errors
-        raise ConfigError(f"{prefix or 'config'}: {err}") from None
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    """Check one value against its annotation; ints are accepted for floats, nothing else is converted."""
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return _build(hint, value, prefix=f"{name}.")
-    origin = get_origin(hint)
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{name}={value!r} is invalid: choose one of {', '.join(map(repr, choices))}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(inner, value, name)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} is invalid: use true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}={value!r} is invalid: use an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name}={value!r} is invalid: use a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str | Path):
-            raise ConfigError(f"{name}={value!r} is invalid: use a string")
-        return str(value)
-    return value
-
-
 def field_types() -> dict[str, Any]:
     """The annotation of every dotted key (`scheduler.max_num_seqs` -> int): what a search space may set."""
     types_by_key: dict[str, Any] = {}
 
     def walk(cls: type, prefix: str) -> None:
-        hints = _type_hints(cls)
+        hints = type_hints(cls)
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             if dataclasses.is_dataclass(hint) and isinstance(hint, type):
@@ -404,4 +319,4 @@ def check_field(key: str, value: Any) -> None:
     types_by_key = field_types()
     if key not in types_by_key:
         raise ConfigError(unknown_key_message(key, types_by_key))
-    _coerce(types_by_key[key], value, key)
+    coerce(types_by_key[key], value, key)

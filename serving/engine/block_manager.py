@@ -75,9 +75,16 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Before seq is admitted: share the cached blocks of its longest cached prefix and count those
         tokens as computed; returns how many. One token is always left to compute (its logits give the
-        next token), and it lands in a block of seq's own, so shared blocks are never written."""
+        next token), and it lands in a block of seq's own, so shared blocks are never written.
+        A request asking for prompt logprobs computes its whole prompt (as vLLM's does): cached positions
+        have no logits to report."""
         cache = self.prefix_cache
-        if cache is None or seq.block_table or seq.num_computed_tokens:
+        if (
+            cache is None
+            or seq.block_table
+            or seq.num_computed_tokens
+            or seq.params.prompt_logprobs is not None
+        ):
             return 0
         keys = block_keys(seq.token_ids, self.block_size, seq.block_keys)
         blocks = cache.lookup(keys[: (seq.num_tokens - 1) // self.block_size])

@@ -18,12 +18,18 @@ SPACE = load_space("chat")
 SETTINGS = build_settings(compose_config("chat", ["study.sampler=staged"]))
 
 
-def measured(space: SearchSpace, params: dict[str, Any], throughput: float) -> optuna.trial.FrozenTrial:
-    metrics = {"output_throughput": throughput, "p99_ttft_ms": 100.0, "p99_tpot_ms": 10.0}
+def measured(space: SearchSpace, params: dict[str, Any], capacity: float) -> optuna.trial.FrozenTrial:
+    """A measured trial as the default (capacity) objectives record it."""
+    metrics = {
+        "capacity_rps_per_device": capacity,
+        "p99_ttft_ms": 100.0,
+        "peak_rss_mb": 500.0,
+        "slo_attainment": 1.0,
+    }
     return optuna.trial.create_trial(
         params=params,
         distributions={k: space.dimension(k).distribution() for k in params},
-        values=list(metrics.values()),
+        values=[capacity, 100.0, 500.0],
         user_attrs={R.MEASURED: True, R.METRICS: metrics},
     )
 
@@ -57,7 +63,7 @@ def test_the_stages_follow_layout_precision_batch_limits_scheduler() -> None:
         "scheduler",  # batch_wait_ms
         *["batch limits"] * 2,  # chunked_prefill, max_num_batched_tokens
         "scheduler",  # queue_order
-        *["batch limits"] * 2,  # kv budget, block size
+        *["batch limits"] * 3,  # kv budget, block size, prefix caching
     ]
 
 

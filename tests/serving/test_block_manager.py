@@ -99,6 +99,13 @@ def test_the_last_token_is_always_computed() -> None:
     assert same.num_uncomputed_tokens == 4
 
 
+def test_a_request_for_prompt_logprobs_computes_its_whole_prompt() -> None:
+    bm = BlockManager(num_blocks=10, block_size=4, prefix_caching=True)
+    _computed(bm, _prompt("a", [*SHARED, 1]))
+    echo = Sequence("b", [*SHARED, 9], SamplingParams(max_tokens=4, prompt_logprobs=1))
+    assert bm.match_prefix(echo) == 0 and echo.num_uncomputed_tokens == 9  # every position gets logits
+
+
 def test_matching_stops_at_the_first_different_block() -> None:
     bm = BlockManager(num_blocks=10, block_size=4, prefix_caching=True)
     _computed(bm, _prompt("a", [*SHARED, 1, 1, 1, 1, 7]))
