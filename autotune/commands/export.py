@@ -13,7 +13,7 @@ from autotune.commands.session import start
 from autotune.config.redact import redact_url
 from autotune.report.export import NoSelection, select, write_best
 from autotune.report.results import load_records
-from autotune.study.remeasure import remeasure_cached
+from autotune.study.remeasure import remeasure_selection
 from autotune.study.storage import StorageError, check_sqlite_file, storage_error
 from autotune.trial.machine import machine_info
 
@@ -26,6 +26,7 @@ best.yaml: the DeploymentConfig under `deployment:`, why it was chosen, its metr
   export.policy=knee                        front point nearest the ideal (objectives scaled to [0, 1])
   export.output=PATH                        default: reports/<study>/best.yaml
   export.remeasure=N                        fresh launches of the selection before writing (default 3; 0: off)
+  export.remeasure_contenders=N             trials tied with it re-measured beside it, interleaved (default 2)
 
 Then: serving launch best.yaml"""
 
@@ -62,7 +63,10 @@ def main(argv: Sequence[str]) -> int:
         return 1
     output = ctx.settings.export.output
     path = Path(output).resolve() if output else ctx.report_dir / "best.yaml"
-    remeasured = remeasure_cached(ctx, selection)
+    again = remeasure_selection(ctx, selection, records)
+    remeasured = None
+    if again is not None:  # the selection made again on fresh launches of it and its contenders
+        selection, remeasured = again
     measured_on = machine_info(ctx.devices, ctx.base.backend)
     write_best(path, selection, ctx.objectives, ctx.name, remeasured=remeasured, measured_on=measured_on)
     record = selection.record

@@ -134,10 +134,12 @@ def main(argv: Sequence[str]) -> int:
     per_trial, how = estimate_trial_s(ctx)
     fit_share = (checked - sum(pruned.values())) / checked if checked else 1.0
     slots = ctx.settings.study.parallel_trials
-    remeasure = ctx.settings.export.remeasure
+    export = ctx.settings.export
+    contenders = export.remeasure_contenders * export.contender_repeats if export.remeasure else 0
+    remeasure = export.remeasure + contenders  # at most: contenders are launched only when tied
     total = (n_trials / slots + remeasure) * per_trial
     at_once = f" / {slots} at once" if slots > 1 else ""
-    again = f" + {remeasure} re-measure launch(es)" if remeasure else ""
+    again = f" + up to {remeasure} re-measure launch(es)" if remeasure else ""
     console.print(
         f"\n[bold]ETA[/] ({n_trials} trials{at_once}{again}) x ~{per_trial:.0f} s ({how})"
         f" = ~{total / 60:.1f} min; {fit_share:.0%} of the checked grid would launch"

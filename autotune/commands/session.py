@@ -21,7 +21,7 @@ from autotune.config.redact import redact_text, redact_url
 from autotune.report.html import ReportFiles, write_report
 from autotune.report.results import TrialRecord
 from autotune.study.context import StudyContext, build_context
-from autotune.study.remeasure import remeasure_cached
+from autotune.study.remeasure import remeasure_selection
 from autotune.tracking.tracker import Tracker
 from autotune.trial.geometry import ModelGeometry
 from autotune.trial.machine import machine_info
@@ -135,7 +135,7 @@ def finish(
         context=context_table(ctx),
         best_path=best_path,
         group_by=next((d.name for d in ctx.space.dimensions if d.kind == "categorical"), "scheduler.policy"),
-        remeasure=(lambda selection: remeasure_cached(ctx, selection)) if remeasure else None,
+        remeasure=(lambda selection: remeasure_selection(ctx, selection, records)) if remeasure else None,
         ttft_slo_ms=ctx.traffic.slo.ttft_ms if ctx.traffic.slo else None,
         measured_on=machine_info(ctx.devices, ctx.base.backend),
     )

@@ -173,11 +173,22 @@ class ExportSettings:
     remeasure: int = 3
     """Fresh launches of the selected deployment, measured as its trial was, before best.yaml is written
     (its median and interval go into best.yaml); 0 copies the trial's numbers unchecked."""
+    remeasure_contenders: int = 2
+    """Trials tied with the selection on the deciding metric that are re-measured beside it (the best
+    first), so the choice among them is made on fresh launches too; 0 re-measures the selection alone."""
+    contender_repeats: int = 1
+    """Fresh launches of each contender, interleaved with the selection's."""
 
     def __post_init__(self) -> None:
         _choose("export.policy", self.policy, EXPORT_POLICIES)
         if self.remeasure < 0:
             raise ConfigError(f"export.remeasure={self.remeasure} is invalid: use 0 (off) or more launches")
+        if self.remeasure_contenders < 0:
+            raise ConfigError(
+                f"export.remeasure_contenders={self.remeasure_contenders} is invalid: use 0 (none) or more"
+            )
+        if self.contender_repeats < 1:
+            raise ConfigError(f"export.contender_repeats={self.contender_repeats} is invalid: use 1 or more")
 
 
 @dataclass

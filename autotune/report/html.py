@@ -104,7 +104,7 @@ def write_report(
     context: dict[str, str],
     best_path: Path | None = None,
     group_by: str = "scheduler.policy",
-    remeasure: Callable[[Selection], dict[str, Any] | None] | None = None,
+    remeasure: Callable[[Selection], tuple[Selection, dict[str, Any]] | None] | None = None,
     ttft_slo_ms: float | None = None,
     measured_on: dict[str, str] | None = None,
 ) -> ReportFiles:
@@ -130,7 +130,9 @@ def write_report(
     files.interactive = write_interactive(study, names, directory / "pareto.html")
     try:
         files.selection = select(records, objectives, export)
-        files.remeasured = remeasure(files.selection) if remeasure is not None else None
+        again = remeasure(files.selection) if remeasure is not None else None
+        if again is not None:  # the selection made again on fresh launches of it and its contenders
+            files.selection, files.remeasured = again
         files.best = write_best(
             best_path or directory / "best.yaml",
             files.selection,
