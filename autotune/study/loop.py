@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.report import results as R
 from autotune.report.results import TrialRecord, load_records
 from autotune.study.context import StudyContext
+from autotune.study.front_gate import front_gate
 from autotune.study.observer import StudyObserver
 from autotune.study.workers import FINISHED, Workers
 from autotune.trial.device_pool import Allocation, DevicePool
@@ -272,6 +273,7 @@ class StudyLoop:
                 on_phase=lambda text: self._phase(trial.number, text + where),
                 cancel=self.cancel,
                 probe=self.ctx.quality.probe if self.ctx.quality else None,
+                gate=front_gate(load_records(self.study), self.ctx.objectives),
             )
         except BaseException:
             self._interrupted(trial)
@@ -279,6 +281,11 @@ class StudyLoop:
         trial.set_user_attr(R.MEASURED, True)
         trial.set_user_attr(R.DURATION, outcome.duration_s)
         trial.set_user_attr(R.METRICS, outcome.metrics)
+        if outcome.pruned is not None:  # launched, measured in part, and shown not to reach the front
+            trial.set_user_attr(R.REASON, outcome.pruned)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self._finished(trial.number, outcome)
+            return
         if outcome.ok:
             try:
                 values = self.ctx.objectives.values(outcome.metrics)

@@ -118,6 +118,7 @@ class CapacitySearch:
         out_dir: Path | None = None,
         on_step: Callable[[LoadStep], None] | None = None,
         on_chunk: OnChunk = None,
+        gate: Callable[[CapacityResult], str | None] | None = None,
     ) -> None:
         settings.check_traffic(arrival, slo)
         self.base_url, self.model, self.workload = base_url, model, workload
@@ -126,6 +127,8 @@ class CapacitySearch:
         self.out_dir, self.on_step = out_dir, on_step or (lambda _: None)
         self.on_chunk = on_chunk
         """Called per token received (the trial's hang watch counts them)."""
+        self.gate = gate
+        """Asked once the nominal rate is carried, with the result so far: a reason ends the search."""
         self.requests = _Requests(base_url, model, workload)
         self.steps: list[LoadStep] = []
 
@@ -135,6 +138,7 @@ class CapacitySearch:
         probe_rps = probe.summary["request_throughput"]
         nominal = self.arrival.rate
         carried, failing = 0.0, math.inf
+        stopped_by: str | None = None
         rate = nominal
         for index in range(self.settings.max_steps):
             step = await self._step("nominal" if index == 0 else "search", rate)
@@ -144,13 +148,23 @@ class CapacitySearch:
                 failing = min(failing, rate)
             if index == 0 and not step.carried and not self.settings.below_nominal:
                 break  # infeasible at the nominal rate: the cheap first fidelity ends the search
+            if index == 0 and self.gate is not None:
+                so_far = CapacityResult(self.slo.attainment, probe_rps, self.steps, carried, None)
+                stopped_by = self.gate(so_far)
+                if stopped_by is not None:
+                    break  # even its best possible capacity cannot put it on the front
             if carried > 0 and failing / carried <= 1.0 + self.settings.tolerance:
                 break
             rate = self._next_rate(rate, carried, failing, probe_rps, first=index == 0)
             if rate < nominal / MIN_RATE_DIVISOR:
                 break
         return CapacityResult(
-            self.slo.attainment, probe_rps, self.steps, carried, None if math.isinf(failing) else failing
+            self.slo.attainment,
+            probe_rps,
+            self.steps,
+            carried,
+            None if math.isinf(failing) else failing,
+            stopped_by,
         )
 
     @staticmethod
@@ -304,6 +318,7 @@ async def find_capacity(
     out_dir: Path | None = None,
     on_step: Callable[[LoadStep], None] | None = None,
     on_chunk: OnChunk = None,
+    gate: Callable[[CapacityResult], str | None] | None = None,
 ) -> CapacityResult:
     """The capacity search against an OpenAI-compatible server at `url` (model None: its first)."""
     from autotune.traffic.runner import discover_model, normalize_url
@@ -321,6 +336,7 @@ async def find_capacity(
         out_dir=out_dir,
         on_step=on_step,
         on_chunk=on_chunk,
+        gate=gate,
     )
     result = await search.run()
     if out_dir is not None:
@@ -329,6 +345,7 @@ async def find_capacity(
             "probe_rps": result.probe_rps,
             "capacity_rps": result.capacity_rps,
             "failing_rps": result.failing_rps,
+            "stopped_by": result.stopped_by,
             "steps": [s.as_json() for s in result.steps],
         }
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class CapacityResult:
     """The highest rate carried (0: none, not even the lowest tried)."""
     failing_rps: float | None
     """The lowest rate that failed above it: the true capacity lies in [capacity_rps, failing_rps)."""
+    stopped_by: str | None = None
+    """Why the search ended before bracketing the capacity (the front gate), else None."""
 
     @property
     def nominal(self) -> LoadStep:
@@ -72,6 +75,26 @@ class CapacityResult:
     def at_capacity(self) -> LoadStep | None:
         carried = [s for s in self.steps if s.kind != "probe" and s.carried]
         return max(carried, key=lambda s: s.rate) if carried else None
+
+    def bounds(self, devices: int, margin: float) -> dict[str, tuple[float, float]]:
+        """What every figure can still end as, mid-search: the nominal step's are final (their 95%
+        intervals), capacities lie between the highest rate carried and `margin` x the probe's rate."""
+        summary = self.nominal.summary
+        out = {
+            k: (summary.get(f"{k}_ci95_low", v), summary.get(f"{k}_ci95_high", v))
+            for k, v in summary.items()
+            if not k.endswith(("_ci95_low", "_ci95_high"))
+        }
+        devices = max(devices, 1)
+        ceiling = margin * max(self.probe_rps, self.capacity_rps)
+        out["capacity_rps"] = (self.capacity_rps, ceiling)
+        out["capacity_rps_per_device"] = (self.capacity_rps / devices, ceiling / devices)
+        probe = next((s for s in self.steps if s.kind == "probe"), None)
+        if probe is not None:
+            tokens = margin * probe.summary.get("output_throughput", math.inf)
+            out["capacity_output_throughput"] = (0.0, tokens)
+            out["capacity_output_throughput_per_device"] = (0.0, tokens / devices)
+        return out
 
     def metrics(self, devices: int) -> dict[str, float]:
         """Flat figures for Optuna, MLflow and the report: the nominal step's summary (vLLM's names, with

@@ -306,8 +306,18 @@ class CapacityConfig:
     """Search on below a nominal rate that is not carried. Off by default: such a deployment misses the
     study's SLO constraint and cannot be on the front, so its exact capacity is not worth the minutes
     (it is reported as 0, below the nominal rate)."""
+    prune_dominated: bool = True
+    """In a study: end the search after the nominal step when even the best the trial can still reach
+    (capacity up to prune_margin x the probe's rate) is dominated by a measured trial (autotune/study/
+    front_gate.py). The trial is recorded PRUNED with the reason and the figures it has."""
+    prune_margin: float = 2.0
+    """How far above the probe's closed-loop rate the capacity is still thought possible."""
 
     def __post_init__(self) -> None:
+        if not self.prune_margin >= 1.0:
+            raise ConfigError(
+                f"capacity.prune_margin must be >= 1 (a multiple of the probe rate), got {self.prune_margin}"
+            )
         for name in ("probe_timeout_s", "step_s", "tolerance", "sustain_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"capacity.{name} must be > 0, got {getattr(self, name)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from autotune.trial.watch import Progress, WatchError, signal_hint, watched
 from serving.config import DeploymentConfig
 
 if TYPE_CHECKING:
+    from autotune.study.front_gate import Gate
     from serving.launch import ServerProcess
 
 MIB = 2**20
@@ -62,6 +64,8 @@ class TrialOutcome:
     records_path: Path | None
     duration_s: float
     log_tail: str = ""
+    pruned: str | None = None
+    """Why the front gate ended the search early (the metrics are the search's so far), else None."""
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -86,12 +90,14 @@ def run_trial(
     on_phase: Callable[[str], None] | None = None,
     cancel: threading.Event | None = None,
     probe: Callable[[str, str, Path], dict[str, float]] | None = None,
+    gate: Gate | None = None,
 ) -> TrialOutcome:
     """Launch on a free port, wait for /health, benchmark (with warm-up), stop the process group.
 
     Setting `cancel` stops the trial within a fraction of a second: the server is stopped and
     TrialCancelled raised, so the caller records an interruption rather than a failed configuration.
     `probe(url, model, trial_dir)` (the quality guard's) runs after a usable benchmark; its metrics join.
+    `gate` (the front gate's) may end the capacity search after its nominal step: the outcome says why.
     """
     from serving.launch import ServerProcess
 
@@ -104,6 +110,7 @@ def run_trial(
     server = ServerProcess(config, log_path=log_path, cpus=cpus, extra_env=env or None)
     metrics: dict[str, float] = {}
     reason: str | None = None
+    pruned: str | None = None
     records_path: Path | None = None
     try:
         phase("starting server")
@@ -118,12 +125,13 @@ def run_trial(
         else:
             devices = _device_count(cpus, env)
             summary, failures = _capacity(
-                server, config, traffic, settings, trial_dir, cancel, phase, devices
+                server, config, traffic, settings, trial_dir, cancel, phase, devices, gate
             )
             records_path = trial_dir / "steps"
+            pruned = summary.pop("stopped_by", None)
         metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
         reason = _judge(summary, failures, server.poll(), settings)
-        if probe is not None and reason is None:
+        if probe is not None and reason is None and pruned is None:
             phase("quality probe")
             metrics.update(probe(server.url, config.model.name, trial_dir))
     except WatchError as err:  # died, hung or cancelled while the benchmark ran: the message says which
@@ -160,6 +168,7 @@ def run_trial(
         records_path=records_path if records_path and records_path.exists() else None,
         duration_s=time.monotonic() - started,
         log_tail="" if ok else log_tail(log_path),
+        pruned=pruned if ok else None,
     )
 
 
@@ -226,10 +235,18 @@ def _capacity(
     cancel: threading.Event | None,
     phase: Callable[[str], None],
     devices: int,
+    gate: Gate | None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The capacity search; failures counted over every step except requests cut as certain SLO misses."""
     assert traffic.capacity is not None and traffic.slo is not None  # build_traffic checks both
     slo, capacity = traffic.slo, traffic.capacity
+
+    def bounded(partial: CapacityResult) -> str | None:
+        """The gate asked with the search's bounds and the memory held so far (it only grows)."""
+        if gate is None or not capacity.prune_dominated:
+            return None
+        memory = (server.peak_rss_bytes / MIB, math.inf)
+        return gate({**partial.bounds(devices, capacity.prune_margin), "peak_rss_mb": memory})
 
     def make(on_chunk: OnChunk) -> Awaitable[CapacityResult]:
         return find_capacity(
@@ -244,6 +261,7 @@ def _capacity(
             out_dir=out_dir,
             on_step=lambda step: phase(f"load {step.label}: attainment {step.attainment:.0%}"),
             on_chunk=on_chunk,
+            gate=bounded,
         )
 
     result = _watched(make, server, settings, cancel)
@@ -252,6 +270,7 @@ def _capacity(
     summary: dict[str, Any] = result.metrics(devices)
     summary["completed"] = sum(r.success for r in records)
     summary["failed"] = sum(failures.values())
+    summary["stopped_by"] = result.stopped_by
     return summary, failures
 
 
