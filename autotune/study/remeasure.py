@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,14 +170,17 @@ def reselect(
     launches: Sequence[Launches],
     metric: str,
     objectives: tuple[Sequence[str], Sequence[str]],
+    feasible: Callable[[Mapping[str, float]], bool] = lambda _: True,
 ) -> Selection:
-    """The selection made again on the re-measured medians of every candidate that measured `metric`;
-    `objectives` (names, directions) break a tie, as at selection."""
+    """The selection made again on the re-measured medians of every candidate that measured `metric` and
+    still meets the constraints (`feasible`); `objectives` (names, directions) break a tie, as at
+    selection."""
     medians = {
         c.trial: {k: c.median(k) for k in {k for m in c.metrics for k in m}} for c in launches if c.metrics
     }
     measured = [dataclasses.replace(r, metrics=medians[r.number]) for r in candidates if r.number in medians]
     measured = [r for r in measured if not math.isnan(r.metrics.get(metric, math.nan))]
+    measured = [r for r in measured if feasible(r.metrics)]
     if not measured or len(candidates) == 1:
         return first
     spans = {c.trial: c.span(metric) for c in launches}
@@ -252,7 +255,16 @@ def remeasure(
         launches[trial].write(paths[trial])
     ordered = tuple(launches[r.number] for r in candidates)
     names = (ctx.objectives.names, ctx.objectives.directions)
-    final = reselect(selection, candidates, ordered, metric, names)
+
+    def feasible(metrics: Mapping[str, float]) -> bool:
+        """The constraints on what a re-measure measures (the quality probe does not run again)."""
+        return all(
+            (metrics[m] <= bound if kind == "max" else metrics[m] >= bound)
+            for m, kind, bound in ctx.objectives.bounds()
+            if m in metrics
+        )
+
+    final = reselect(selection, candidates, ordered, metric, names, feasible)
     values = {r.number: float(r.metrics.get(metric, math.nan)) for r in candidates}
     return Remeasure(metric, final, selection.record.number, ordered, values, tuple(order))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,15 @@ def test_the_selection_is_made_again_on_fresh_launches() -> None:
         NAMES[0],
         names,
     )
+    assert again is first
+
+    # trial 0 re-measures higher but misses the SLO target at the nominal rate now: trial 1 stays
+    def meets_slo(metrics: Mapping[str, float]) -> bool:
+        return metrics.get("slo_attainment", 1.0) >= 0.9
+
+    missed = launched(0, 4.9)
+    missed.metrics[0]["slo_attainment"] = 0.5
+    again = reselect(first, records, [launched(1, 2.9, 3.0, 3.1), missed], NAMES[0], names, meets_slo)
     assert again is first
     # every launch of the contender failed: the selection stands
     assert reselect(first, records, [launched(1, 4.0), Launches(0, [], ["died"])], NAMES[0], names) is first
