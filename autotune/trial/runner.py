@@ -66,6 +66,9 @@ class TrialOutcome:
     log_tail: str = ""
     pruned: str | None = None
     """Why the front gate ended the search early (the metrics are the search's so far), else None."""
+    transient: bool = False
+    """Failed for a reason outside the deployment (a slow start on a busy machine, ports taken by
+    others): worth one more launch, unlike a configuration that fails by itself."""
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -99,7 +102,7 @@ def run_trial(
     `probe(url, model, trial_dir)` (the quality guard's) runs after a usable benchmark; its metrics join.
     `gate` (the front gate's) may end the capacity search after its nominal step: the outcome says why.
     """
-    from serving.launch import ServerProcess
+    from serving.launch import ServerProcess, ServerStartError
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     log_path = trial_dir / "server.log"
@@ -111,6 +114,7 @@ def run_trial(
     metrics: dict[str, float] = {}
     reason: str | None = None
     pruned: str | None = None
+    transient = False
     records_path: Path | None = None
     try:
         phase("starting server")
@@ -141,6 +145,10 @@ def run_trial(
         reason = f"no progress: the benchmark did not finish within trial.benchmark_timeout_s={limit:g}"
     except Exception as err:  # a trial must never end the study: record why it failed
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+        transient = isinstance(err, ServerStartError) and err.transient
+        if transient and "not healthy" in reason:  # name the setting that bounds it
+            head, _, log = reason.partition("; log ")
+            reason = f"{head} (trial.startup_timeout_s: raise it on a busy machine); log {log}"
     finally:
         phase("stopping server")
         code, stop_error = _stop(server, settings.stop_timeout_s)
@@ -169,6 +177,7 @@ def run_trial(
         duration_s=time.monotonic() - started,
         log_tail="" if ok else log_tail(log_path),
         pruned=pruned if ok else None,
+        transient=transient and not ok,
     )
 
 
