@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -181,9 +182,17 @@ def run_trial(
     )
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b(:|$)")
+"""The last line of a traceback (`RuntimeError: ... can't allocate memory`)."""
+
+
 def _last_log_line(path: Path) -> str:
-    """The last line of the server log that is not a warning from a library: usually the error."""
+    """What the server log says went wrong: the last exception of a traceback in its tail (the lines after
+    it are the orderly shutdown it caused), else its last line that is not a warning from a library."""
     lines = [line.strip() for line in log_tail(path, 40).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if EXCEPTION_LINE.match(line):
+            return line[:300]
     for line in reversed(lines):
         if not line.startswith(("W1", "W0", "Warning", "warnings.warn")):
             return line[:300]
