@@ -59,7 +59,8 @@ class Injector:
     once their timed requests stream. Remembers every pid it saw, and when each signal was sent."""
 
     def __init__(self) -> None:
-        self.seen: set[int] = set()
+        self.seen: dict[int, float] = {}
+        """Every process of this test's tree seen while the study ran: pid -> its creation time."""
         self.sent: dict[int, datetime.datetime] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -74,8 +75,11 @@ class Injector:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.05):
-            for pid in live_children() - self.seen:
-                self.seen.add(pid)
+            for pid in live_children() - set(self.seen):
+                try:
+                    self.seen[pid] = psutil.Process(pid).create_time()
+                except psutil.Error:
+                    continue
                 trial = _trial_of(pid)
                 if trial in (0, 1):
                     sig = signal.SIGKILL if trial == 0 else signal.SIGSTOP
@@ -90,6 +94,15 @@ class Injector:
             time.sleep(0.1)
         os.killpg(pid, sig)
         self.sent[trial] = datetime.datetime.now()  # Optuna's clock: naive local time
+
+
+def _alive(pid: int, created: float) -> bool:
+    """The very process seen (not a later one given the same pid) still runs, wherever its parent is."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _trial_of(pid: int) -> int | None:
@@ -138,7 +151,7 @@ def test_each_fault_fails_its_trial_and_the_study_goes_on(
             ]
         )
     assert code == 0
-    survivors = [p for p in injector.seen if psutil.pid_exists(p) and p in live_children()]
+    survivors = [pid for pid, created in injector.seen.items() if _alive(pid, created)]
     assert not survivors and live_children() <= before, f"processes outlived their trials: {survivors}"
 
     storage = f"sqlite:///{tmp_path / 'runs/faults/study.db'}"
