@@ -42,7 +42,16 @@ PORT_RETRIES = 3
 
 
 class ServerStartError(RuntimeError):
-    """The server exited or did not answer in time; the message holds the end of its log."""
+    """The server exited or did not answer in time; the message holds the end of its log.
+
+    `transient` is True when the deployment itself is not to blame and a later launch may well succeed: a
+    start-up slower than the time-out (a busy machine) or ports taken by others on every attempt. An exit
+    of the server's own (bad model path, out of memory at load, an engine error) is not transient.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ServerProcess:
@@ -132,18 +141,21 @@ class ServerProcess:
         if self._proc is None:
             raise RuntimeError("ServerProcess.wait_healthy() before start()")
         deadline = time.monotonic() + timeout_s
-        health = self.url + self.backend.health_path
         with httpx.Client(timeout=2.0) as client:
             while True:
+                health = self.url + self.backend.health_path  # a restart moves it to another port
                 code = self._proc.poll()
                 if code is not None:
                     self.stop()
-                    if self._port_was_taken() and self._restart_on_new_port():
+                    port_taken = self._port_was_taken()
+                    if port_taken and self._restart_on_new_port():
                         deadline = time.monotonic() + timeout_s
                         continue
+                    taken = f" (its port was taken on all {self._attempts} attempts)" if port_taken else ""
                     raise ServerStartError(
-                        f"server exited with code {code} before it was healthy; log {self.log_path}:\n"
-                        f"{self.log_tail()}"
+                        f"server exited with code {code} before it was healthy{taken}; log {self.log_path}:\n"
+                        f"{self.log_tail()}",
+                        transient=port_taken,
                     )
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(health).status_code == 200:
@@ -154,8 +166,9 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise ServerStartError(
-                        f"server was not healthy at {health} within {timeout_s:.0f} s; log {self.log_path}:\n"
-                        f"{self.log_tail()}"
+                        f"server was not healthy at {health} within {timeout_s:g} s; log {self.log_path}:\n"
+                        f"{self.log_tail()}",
+                        transient=True,
                     )
                 time.sleep(HEALTH_POLL_INTERVAL_S)
 

@@ -15,6 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from autotune.report.objectives import Objectives
 from autotune.report.pareto import candidates, front
@@ -112,10 +113,11 @@ class LiveView(StudyObserver):
             f"{r.label}" + (f" [{r.phase} {_duration(now - r.started)}]" if r.phase else "")
             for _, r in sorted(self.running.items())
         ]
-        table.add_row("running" if len(running) > 1 else "current", "\n".join(running) or "-")
-        table.add_row("last", self.last)
+        # plain Text: reasons quote server logs, whose brackets are no rich markup (`[/...]` would raise)
+        table.add_row("running" if len(running) > 1 else "current", Text("\n".join(running) or "-"))
+        table.add_row("last", Text(self.last))
         best = self.best_lines()
-        table.add_row("best so far", "\n".join(best) if best else "-")
+        table.add_row("best so far", Text("\n".join(best) if best else "-"))
         table.add_row(
             "front", str(len(front(self.records, self.objectives.directions))) + " configuration(s)"
         )
@@ -125,7 +127,7 @@ class LiveView(StudyObserver):
         if self.live is not None:
             self.live.update(self.render())
         else:
-            self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
     # --- observer --------------------------------------------------------------------------------
 

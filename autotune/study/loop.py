@@ -296,9 +296,31 @@ class StudyLoop:
                 trial.set_constraint(name, value)
             self.study.tell(trial, values)
         else:
+            retry = outcome.transient and self._retry_once(trial, config_key(config), outcome)
             trial.set_user_attr(R.REASON, outcome.reason)
             self.study.tell(trial, state=TrialState.FAIL)
+            if retry:
+                with self._lock:
+                    self.workers.requeue_interrupted()
         self._finished(trial.number, outcome)
+
+    def _retry_once(self, trial: optuna.Trial, key: str, outcome: TrialOutcome) -> bool:
+        """A transient failure (slow start, ports taken) is launched once more, as a retryable trial is;
+        a second one stands: a deployment that is always slow to start is slow, not unlucky."""
+        trial.set_user_attr(R.TRANSIENT, True)
+        earlier = [
+            t.number
+            for t in self.study.get_trials(deepcopy=False)
+            if t.number != trial.number
+            and t.user_attrs.get(R.CONFIG_KEY) == key
+            and t.user_attrs.get(R.TRANSIENT)
+        ]
+        if earlier:
+            outcome.reason = f"{outcome.reason} (transient again after trial {earlier[0]}'s: not retried)"
+            return False
+        trial.set_user_attr(R.RETRYABLE, True)
+        outcome.reason = f"{outcome.reason} (transient: the configuration is launched once more)"
+        return True
 
     def _interrupted(self, trial: optuna.Trial) -> None:
         """Recorded as a retryable failure: the next run queues the configuration again."""

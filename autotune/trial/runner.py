@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -66,6 +67,9 @@ class TrialOutcome:
     log_tail: str = ""
     pruned: str | None = None
     """Why the front gate ended the search early (the metrics are the search's so far), else None."""
+    transient: bool = False
+    """Failed for a reason outside the deployment (a slow start on a busy machine, ports taken by
+    others): worth one more launch, unlike a configuration that fails by itself."""
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -99,7 +103,7 @@ def run_trial(
     `probe(url, model, trial_dir)` (the quality guard's) runs after a usable benchmark; its metrics join.
     `gate` (the front gate's) may end the capacity search after its nominal step: the outcome says why.
     """
-    from serving.launch import ServerProcess
+    from serving.launch import ServerProcess, ServerStartError
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     log_path = trial_dir / "server.log"
@@ -111,6 +115,7 @@ def run_trial(
     metrics: dict[str, float] = {}
     reason: str | None = None
     pruned: str | None = None
+    transient = False
     records_path: Path | None = None
     try:
         phase("starting server")
@@ -141,6 +146,10 @@ def run_trial(
         reason = f"no progress: the benchmark did not finish within trial.benchmark_timeout_s={limit:g}"
     except Exception as err:  # a trial must never end the study: record why it failed
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+        transient = isinstance(err, ServerStartError) and err.transient
+        if transient and "not healthy" in reason:  # name the setting that bounds it
+            head, _, log = reason.partition("; log ")
+            reason = f"{head} (trial.startup_timeout_s: raise it on a busy machine); log {log}"
     finally:
         phase("stopping server")
         code, stop_error = _stop(server, settings.stop_timeout_s)
@@ -169,12 +178,21 @@ def run_trial(
         duration_s=time.monotonic() - started,
         log_tail="" if ok else log_tail(log_path),
         pruned=pruned if ok else None,
+        transient=transient and not ok,
     )
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b(:|$)")
+"""The last line of a traceback (`RuntimeError: ... can't allocate memory`)."""
+
+
 def _last_log_line(path: Path) -> str:
-    """The last line of the server log that is not a warning from a library: usually the error."""
+    """What the server log says went wrong: the last exception of a traceback in its tail (the lines after
+    it are the orderly shutdown it caused), else its last line that is not a warning from a library."""
     lines = [line.strip() for line in log_tail(path, 40).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if EXCEPTION_LINE.match(line):
+            return line[:300]
     for line in reversed(lines):
         if not line.startswith(("W1", "W0", "Warning", "warnings.warn")):
             return line[:300]

@@ -69,15 +69,18 @@ def signal_when_ready(
     [
         ("run", [signal.SIGINT]),
         ("run", [signal.SIGINT, signal.SIGINT]),
+        ("run", [signal.SIGTERM]),
         ("worker", [signal.SIGTERM]),
+        ("worker", [signal.SIGINT, signal.SIGINT]),
     ],
-    ids=["run-sigint", "run-sigint-twice", "worker-sigterm"],
+    ids=["run-sigint", "run-sigint-twice", "run-sigterm", "worker-sigterm", "worker-sigint-twice"],
 )
 def test_interrupt_mid_trial_then_resume(tmp_path: Path, command: str, signals: list[signal.Signals]) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     args = [*TINY, "study.name=cut", "study.n_trials=1", f"search.space={space}", f"study.storage={storage}"]
+    args.append("quality.enabled=false")  # its reference server would only lengthen the test
     argv = [sys.executable, "-m", "autotune.cli", command, *args]
     log = tmp_path / "runs/cut/trials/0000/server.log"
     code, output, survivors = signal_when_ready(argv, tmp_path, log, signals)

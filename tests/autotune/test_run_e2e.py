@@ -189,44 +189,6 @@ def sigterm_when_ready(args: list[str], cwd: Path, logs: list[str]) -> tuple[int
     return proc.returncode, output, alive
 
 
-@pytest.mark.slow
-def test_sigterm_mid_trial_stops_the_server_and_the_config_is_measured_on_resume(tmp_path: Path) -> None:
-    import optuna
-
-    from autotune.report import results as R
-
-    space = tmp_path / "space.yaml"  # no seeds: the interrupted config is the only one queued
-    space.write_text(
-        "dimensions:\n  scheduler.policy: {type: categorical, choices: [request, static, continuous]}\n"
-        "  scheduler.max_num_seqs: {type: int, low: 2, high: 16}\n"
-    )
-    args = [
-        *TINY,
-        *STILL_RUNNING,
-        "study.name=cut",
-        "study.n_trials=1",
-        "tracking=none",
-        f"search.space={space}",
-    ]
-    code, output, survivors = sigterm_when_ready(args, tmp_path, ["runs/cut/trials/0000/server.log"])
-    assert code == 130, output
-    assert not survivors, "a server outlived the run"
-
-    storage = f"sqlite:///{tmp_path / 'runs/cut/study.db'}"
-    first = optuna.load_study(study_name="cut", storage=storage).trials[0]
-    assert first.state.name == "FAIL" and first.user_attrs[R.RETRYABLE] is True
-    interrupted = first.user_attrs[R.CONFIG_KEY]
-
-    resumed = subprocess.run(
-        [sys.executable, "-m", "autotune.cli", "run", *args], cwd=tmp_path, capture_output=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stdout.decode(errors="replace")
-    trials = optuna.load_study(study_name="cut", storage=storage).trials
-    measured = [t for t in trials if t.user_attrs.get(R.MEASURED) and not t.user_attrs.get(R.RETRYABLE)]
-    assert len(measured) == 1 and measured[0].state.name == "COMPLETE"
-    assert measured[0].user_attrs[R.CONFIG_KEY] == interrupted  # the interrupted config went first again
-
-
 CAPACITY_FIDELITY = [
     "capacity.step_s=1.5",
     "capacity.min_requests=6",

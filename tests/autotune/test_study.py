@@ -199,6 +199,27 @@ def test_live_view_reports_progress_best_and_eta() -> None:
     assert "2/3 measured" in rendered and "best so far" in rendered and "front" in rendered
 
 
+def test_live_view_shows_a_reason_with_brackets_verbatim() -> None:
+    """A reason quotes the server log; rich would take `[/...]` for markup and raise, ending the study."""
+    import io
+
+    from rich.console import Console
+
+    from autotune.study.live import LiveView
+
+    reason = "RuntimeError: [enforce fail at alloc_cpu.cpp:127] [/dev/shm] can't allocate memory"
+    out = io.StringIO()
+    view = LiveView(objectives_default(), mode="off", console=Console(file=out, width=300))
+    view.study_started("unit", 2, [])
+    view.trial_finished(
+        dataclasses.replace(rec(0, 1.0, 1.0, 1.0), state="FAIL", values=None, reason=reason), None
+    )
+    assert reason in out.getvalue()
+    panel = Console(file=io.StringIO(), width=300, record=True)
+    panel.print(view.render())
+    assert reason in panel.export_text()
+
+
 def test_live_view_counts_other_workers_trials() -> None:
     """The loop passes every trial of the study before each trial_finished: the count is the study's."""
     import io

@@ -96,13 +96,15 @@ def test_early_exit_raises_with_the_log_tail(
     assert "model.path" in message  # the server's one-line config error is in the tail
     assert "Traceback" not in message
     assert server.returncode == 2
+    assert not info.value.transient  # the deployment's own fault: a study does not launch it again
 
 
 def test_time_out_stops_the_server(tmp_path: Path, make_config: Callable[..., DeploymentConfig]) -> None:
     server = ServerProcess(make_config(), log_path=tmp_path / "server.log")
     server.start()
-    with pytest.raises(ServerStartError, match="not healthy"):
+    with pytest.raises(ServerStartError, match="not healthy") as info:
         server.wait_healthy(0.01)
+    assert info.value.transient  # a slow start: a study launches it once more
     assert server.returncode is not None
     assert not group_members(server.pid or -1)
 
