@@ -163,3 +163,15 @@ def attn_implementation_name(backend: AttentionBackend) -> str:
     name = f"autotune_{backend}"
     AttentionInterface.register(name, IMPLEMENTATIONS[backend])
     return name
+
+
+def function_for(name: str) -> Any:
+    """The attention function behind a name attn_implementation_name returned (the lean forward calls it
+    directly instead of through transformers' registry)."""
+    for backend, fn in IMPLEMENTATIONS.items():
+        if name == f"autotune_{backend}":
+            return fn
+    raise ValueError(
+        f"attention implementation {name!r} is not one of the engine's: load the model with "
+        "attn_implementation_name(config.attention)"
+    )

@@ -100,7 +100,7 @@ class LLMEngine:
         set_torch_threads()
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(config.model)
-        model = load_model(config, attn_implementation_name(config.attention), device)
+        model = load_model(config, attn_implementation_name(config.attention), device, lean=True)
         engine = cls(config, model, eos_token_ids=eos_token_ids(model, tokenizer))
         engine.tokenizer = tokenizer
         return engine

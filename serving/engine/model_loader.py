@@ -14,6 +14,7 @@ process, device and dtype.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -90,8 +91,14 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def load_model(config: DeploymentConfig, attn_implementation: str, device: torch.device) -> PreTrainedModel:
-    """The causal LM in eval mode on `device`, in `precision.dtype`, quantised per precision.quantization."""
+def load_model(
+    config: DeploymentConfig, attn_implementation: str, device: torch.device, *, lean: bool = False
+) -> PreTrainedModel:
+    """The causal LM in eval mode on `device`, in `precision.dtype`, quantised per precision.quantization.
+
+    lean=True: the engine's own forward (llama.py) when it supports the model and layout, else
+    transformers' (the reason is logged); tests load the transformers reference with lean=False.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_parallel_quantization(config)
@@ -111,10 +118,23 @@ def load_model(config: DeploymentConfig, attn_implementation: str, device: torch
     model.requires_grad_(False)
     model.eval()
     nn.Module.to(model, device=device)
+    if lean:
+        model = _lean(model, config)
     model = apply_quantization(model, config.precision, device)
     if _relayout(config, device):
         relayout_linear_weights(model)
     return model
+
+
+def _lean(model: PreTrainedModel, config: DeploymentConfig) -> PreTrainedModel:
+    from serving.engine.llama import LeanLlama, lean_supported
+
+    reason = lean_supported(model, config.parallel.tp)
+    if reason is not None:
+        logging.getLogger(__name__).info("transformers forward: %s", reason)
+        return model
+    lean: PreTrainedModel = LeanLlama(model)  # type: ignore[assignment]
+    return lean
 
 
 def _relayout(config: DeploymentConfig, device: torch.device) -> bool:

@@ -76,7 +76,9 @@ def load_rank_model(config: DeploymentConfig, ctx: RankContext) -> RankModel:
     from serving.engine.distributed.tensor_parallel import shard_model
     from serving.engine.model_loader import TORCH_DTYPES, load_model
 
-    model: torch.nn.Module = load_model(config, attn_implementation_name(config.attention), ctx.device)
+    model: torch.nn.Module = load_model(
+        config, attn_implementation_name(config.attention), ctx.device, lean=True
+    )
     num_blocks = replica_num_blocks(config, model)
     if config.parallel.tp > 1:
         model = shard_model(model, config.parallel.tp, TORCH_DTYPES[config.precision.dtype])
