@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.decode_step [--attention eager sdpa paged] [--batch 1 8 32]
         [--quantization none int8_dynamic] [--model llama-57m] [--steps 30] [--context 160]
         [--layout engine row-major] [--forward lean transformers] [--dtype float32 bfloat16]
+        [--compile eager compiled]
 
 --layout row-major undoes the engine's column-major float32 Linear weights (serving/engine/weight_layout.py)
 so both layouts can be compared side by side in one run. --forward transformers loads transformers' forward
@@ -82,17 +83,22 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=160)
     parser.add_argument("--layout", nargs="+", default=["engine"], choices=["engine", "row-major"])
     parser.add_argument("--forward", nargs="+", default=["lean"], choices=["lean", "transformers"])
+    parser.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"])
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core we may use)")
     args = parser.parse_args()
     print(f"model: {args.model}  context: {args.context}")
     print(
-        f"{'dtype':<10}{'forward':<13}{'quantization':<14}"
+        f"{'mode':<9}{'dtype':<10}{'forward':<13}{'quantization':<14}"
         f"{'attention':<10}{'layout':<11}{'batch':>6}{'wall ms':>9}{'p10':>8}{'p90':>8}"
         f"{'cpu ms':>8}"
     )
-    combos = itertools.product(args.dtype, args.forward, args.quantization, args.attention, args.layout)
-    for dtype, forward, quant, attention, layout in combos:
+    combos = itertools.product(
+        args.compile, args.dtype, args.forward, args.quantization, args.attention, args.layout
+    )
+    for mode, dtype, forward, quant, attention, layout in combos:
+        if mode == "compiled" and forward != "lean":
+            continue
         flat = {
             "precision.dtype": dtype,
             "model.path": args.model,
@@ -102,6 +108,10 @@ def main() -> None:
             "device": "cpu",
         }
         engine = build(DeploymentConfig.from_flat(flat), lean=forward == "lean")
+        if mode == "compiled":
+            started = time.perf_counter()
+            engine.runner.model.compile((2,))  # type: ignore[operator]
+            print(f"compiled in {time.perf_counter() - started:.1f} s", flush=True)
         if layout == "row-major":
             row_major_linear_weights(engine.runner.model)
         if args.threads:
@@ -111,7 +121,7 @@ def main() -> None:
             wall.sort()
             p10, p90 = wall[len(wall) // 10], wall[(len(wall) * 9) // 10]
             median, median_cpu = statistics.median(wall), statistics.median(cpu)
-            row = f"{dtype:<10}{forward:<13}{quant:<14}{attention:<10}{layout:<11}{batch:>6}"
+            row = f"{mode:<9}{dtype:<10}{forward:<13}{quant:<14}{attention:<10}{layout:<11}{batch:>6}"
             row += f"{median:>9.2f}{p10:>8.2f}{p90:>8.2f}"
             print(f"{row}{median_cpu:>8.2f}", flush=True)
 

@@ -15,6 +15,7 @@ transformers' unfused Linears by name, so tp > 1 keeps the transformers forward 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,13 +83,19 @@ class LeanAttention(nn.Module):
         self.o_proj = hf.o_proj
         self.sizes = [num_heads * self.head_dim, num_kv_heads * self.head_dim, num_kv_heads * self.head_dim]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
+    ) -> torch.Tensor:
+        """step None: inside the compiled graph, attention is the opaque op reading compiled.current_step."""
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        out = step.attend(self, q, k, v)  # [T, H, D]
+        if step is None:
+            out = torch.ops.autotune.lean_attention(q, k, v, self.layer_idx, self.scaling)
+        else:
+            out = step.attend(self, q, k, v)  # [T, H, D]
         return self.o_proj(out.reshape(tokens, -1))
 
 
@@ -113,7 +120,9 @@ class LeanDecoderLayer(nn.Module):
         norm = hf.post_attention_layernorm
         self.post_attention_layernorm = RMSNorm(norm.weight, norm.variance_epsilon)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
+    ) -> torch.Tensor:
         """Positional arguments, hidden states first: a pipeline PassThrough stands in with that call."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -126,7 +135,7 @@ class Step:
         self.metadata = metadata
         self.attention = attention
 
-    def attend(self, layer: LeanAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Views as [1, heads, T, D], as the attention functions take them from transformers (no copy)."""
         out, _ = self.attention(
             layer,
@@ -190,9 +199,10 @@ class LeanDecoder(nn.Module):
             x = self.embed_tokens(input_ids[0])
         else:
             raise ValueError("the lean forward needs input_ids or inputs_embeds")
-        positions = position_ids[0]
+        return self.run_layers(x, position_ids[0], Step(kwargs.get(METADATA_KWARG), self.attention))
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, step: Step | None) -> torch.Tensor:
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        step = Step(kwargs.get(METADATA_KWARG), self.attention)
         for layer in self.layers:
             x = layer(x, cos, sin, step)
         return x
@@ -211,6 +221,8 @@ class LeanLlama(nn.Module):
         num_kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
         self.model = LeanDecoder(hf.model, num_heads, num_kv_heads, int(hf.config.max_position_embeddings))
         self.lm_head: nn.Module = hf.lm_head
+        self.compiled: Any = None
+        """compiled.compile_forward(self.flat_forward) once compile() ran (model.compile: compiled)."""
         self.set_attn_implementation(hf.config._attn_implementation)
 
     def set_attn_implementation(self, name: str) -> None:
@@ -230,10 +242,48 @@ class LeanLlama(nn.Module):
         use_cache: bool = False,
         **kwargs: Any,
     ) -> LeanOutput:
+        if self.compiled is not None and input_ids is not None and position_ids is not None:
+            return LeanOutput(
+                logits=self._run_compiled(input_ids[0], position_ids[0], logits_to_keep, kwargs)
+            )
         x = self.model.layers_out(input_ids, position_ids, inputs_embeds, kwargs)
         if logits_to_keep is not None:
             x = x.index_select(0, logits_to_keep)
         return LeanOutput(logits=self.lm_head(self.model.norm(x)).unsqueeze(0))
+
+    def flat_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [K, V] of tokens [T] at positions [T] for kept rows [K]: what compiled mode compiles."""
+        x = self.model.run_layers(self.model.embed_tokens(input_ids), positions, None)
+        logits: torch.Tensor = self.lm_head(self.model.norm(x.index_select(0, keep)))
+        return logits
+
+    def compile(self, warmup_tokens: Sequence[int] = ()) -> None:  # type: ignore[override]
+        """Compiled execution from now on (compiled.py); compile for these token counts right away."""
+        from serving.engine.compiled import compile_forward
+
+        self.compiled = compile_forward(self.flat_forward)
+        device = self.model.embed_tokens.weight.device
+        with torch.inference_mode():
+            for n in warmup_tokens:  # distinct tensors: aliased inputs would compile another graph
+                ids, positions = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(2))
+                self._run_compiled(ids, positions, torch.arange(n, device=device), {})
+
+    def _run_compiled(
+        self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        from serving.engine.compiled import bucket, current_step, padded
+
+        if self.compiled is None:
+            raise RuntimeError("compile() first")
+        if keep is None:
+            keep = torch.arange(ids.shape[0], device=ids.device)
+        tokens, kept = bucket(ids.shape[0]), bucket(keep.shape[0])
+        meta = kwargs.get(METADATA_KWARG)
+        with current_step(None if meta is None else Step(meta, self.model.attention)):
+            logits = self.compiled(padded(ids, tokens), padded(positions, tokens), padded(keep, kept))
+        return logits[: keep.shape[0]].unsqueeze(0)
 
 
 def lean_supported(hf_model: nn.Module, tp: int) -> str | None:

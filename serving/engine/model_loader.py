@@ -123,7 +123,24 @@ def load_model(
     model = apply_quantization(model, config.precision, device)
     if _relayout(config, device):
         relayout_linear_weights(model)
+    if config.model.compile == "compiled":
+        _compile(model, config)
     return model
+
+
+def _compile(model: nn.Module, config: DeploymentConfig) -> None:
+    """Compile the lean step now (compiled.py), so start-up, not the first request, pays for it."""
+    from serving.engine.compile_support import check_compile
+    from serving.engine.compiled import WARMUP_TOKENS
+    from serving.engine.llama import LeanLlama
+
+    check_compile(config)
+    if not isinstance(model, LeanLlama):
+        raise ConfigError(
+            f"model.compile='compiled' needs the engine's own Llama forward; {type(model).__name__} "
+            f"({config.model.path}) runs transformers' forward: use model.compile=eager"
+        )
+    model.compile(WARMUP_TOKENS)
 
 
 def _lean(model: PreTrainedModel, config: DeploymentConfig) -> PreTrainedModel:
