@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
 from serving.config import AttentionBackend
 from serving.engine.attention_metadata import AttentionMetadata, PaddedBatch
@@ -156,11 +155,19 @@ def paged_attention(
 IMPLEMENTATIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "paged": paged_attention}
 
 
-def attn_implementation_name(backend: AttentionBackend) -> str:
-    """The name to pass as attn_implementation when loading a model for this backend (registered here)."""
+def implementation_name(backend: AttentionBackend) -> str:
+    """The engine's name for this backend (what function_for maps back), without registering it."""
     if backend not in IMPLEMENTATIONS:
         raise ValueError(f"attention={backend!r} is invalid: choose one of {', '.join(IMPLEMENTATIONS)}")
-    name = f"autotune_{backend}"
+    return f"autotune_{backend}"
+
+
+def attn_implementation_name(backend: AttentionBackend) -> str:
+    """The name to pass as attn_implementation when loading a transformers model for this backend
+    (registered with transformers here: the lean forward needs no registration, nor the import)."""
+    from transformers import AttentionInterface
+
+    name = implementation_name(backend)
     AttentionInterface.register(name, IMPLEMENTATIONS[backend])
     return name
 

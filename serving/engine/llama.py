@@ -1,7 +1,7 @@
 """Our own Llama-family forward (as nano-vllm and gpt-fast write theirs): the lean step of the builtin engine.
 
-Built from a loaded transformers LlamaForCausalLM (same weights, same dummy init, same local directories),
-then the transformers model is dropped. What it does differently from transformers' forward:
+Built from config.json and the checkpoint directly, or from a loaded transformers model (llama_loader.py):
+same weights, same dummy init, same local directories. What it does differently from transformers' forward:
 - q/k/v are one fused Linear and gate/up another: two GEMMs fewer per layer, each weight read once;
 - tokens stay flat [T, hidden] (no batch dimension, no transposes to [1, H, T, D] and back);
 - RoPE reads a cos/sin table computed once at load (transformers recomputes it every step);
@@ -10,13 +10,14 @@ then the transformers model is dropped. What it does differently from transforme
   through the engine's attention functions (serving/engine/attention.py), chosen by config.attention.
 The module tree keeps transformers' names (model.embed_tokens, model.layers, model.norm, lm_head) so the
 pipeline stages (distributed/pipeline.py) cut it the same way. Tensor parallelism (DeepSpeed AutoTP) shards
-transformers' unfused Linears by name, so tp > 1 keeps the transformers forward (see `lean_supported`).
+transformers' unfused Linears by name, so tp > 1 keeps the transformers forward (llama_loader.py says when).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,8 +25,22 @@ from torch import nn
 
 from serving.engine.attention import METADATA_KWARG, function_for
 
-LEAN_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
-"""transformers classes whose forward this module reproduces (greedy-equality tests cover them)."""
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """The shapes of a Llama-family checkpoint (config.json's fields)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
 
 
 @dataclass
@@ -39,9 +54,9 @@ class LeanOutput:
 class RMSNorm(nn.Module):
     """transformers' LlamaRMSNorm arithmetic (float32 statistics, cast back, then the weight)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,82 +65,10 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def fused_linear(*parts: nn.Linear) -> nn.Linear:
-    """One Linear whose outputs are the parts' outputs concatenated (one GEMM, weights read once)."""
-    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
-    has_bias = parts[0].bias is not None
-    fused = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype, device=weight.device
-    )
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if has_bias:
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)  # type: ignore[misc]
-    return fused
-
-
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate [T, heads, D] by half-width cos/sin [T, 1, D/2]: transformers' rotate_half arithmetic."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-class LeanAttention(nn.Module):
-    """Fused qkv projection, RoPE, paged attention (the engine's function), o_proj."""
-
-    def __init__(self, hf: Any, layer_idx: int, num_heads: int, num_kv_heads: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.head_dim = int(hf.head_dim)
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.scaling = float(hf.scaling)
-        self.qkv_proj = fused_linear(hf.q_proj, hf.k_proj, hf.v_proj)
-        self.o_proj = hf.o_proj
-        self.sizes = [num_heads * self.head_dim, num_kv_heads * self.head_dim, num_kv_heads * self.head_dim]
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
-    ) -> torch.Tensor:
-        """step None: inside the compiled graph, attention is the opaque op reading compiled.current_step."""
-        tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if step is None:
-            out = torch.ops.autotune.lean_attention(q, k, v, self.layer_idx, self.scaling)
-        else:
-            out = step.attend(self, q, k, v)  # [T, H, D]
-        return self.o_proj(out.reshape(tokens, -1))
-
-
-class LeanMLP(nn.Module):
-    def __init__(self, hf: Any) -> None:
-        super().__init__()
-        self.gate_up_proj = fused_linear(hf.gate_proj, hf.up_proj)
-        self.down_proj = hf.down_proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
-
-
-class LeanDecoderLayer(nn.Module):
-    def __init__(self, hf: Any, num_heads: int, num_kv_heads: int) -> None:
-        super().__init__()
-        attn = hf.self_attn
-        self.self_attn = LeanAttention(attn, attn.layer_idx, num_heads, num_kv_heads)
-        self.mlp = LeanMLP(hf.mlp)
-        self.input_layernorm = RMSNorm(hf.input_layernorm.weight, hf.input_layernorm.variance_epsilon)
-        norm = hf.post_attention_layernorm
-        self.post_attention_layernorm = RMSNorm(norm.weight, norm.variance_epsilon)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
-    ) -> torch.Tensor:
-        """Positional arguments, hidden states first: a pipeline PassThrough stands in with that call."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Step:
@@ -150,23 +93,82 @@ class Step:
         return result
 
 
+class LeanAttention(nn.Module):
+    """Fused qkv projection, RoPE, paged attention (the engine's function), o_proj."""
+
+    def __init__(self, spec: LlamaSpec, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = spec.head_dim
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.scaling = spec.head_dim**-0.5
+        self.sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
+        self.qkv_proj = nn.Linear(spec.hidden_size, sum(self.sizes), bias=spec.attention_bias)
+        self.o_proj = nn.Linear(self.sizes[0], spec.hidden_size, bias=spec.attention_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
+    ) -> torch.Tensor:
+        """step None: inside the compiled graph, attention is the opaque op reading compiled.current_step."""
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = rope(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if step is None:
+            out = torch.ops.autotune.lean_attention(q, k, v, self.layer_idx, self.scaling)
+        else:
+            out = step.attend(self, q, k, v)  # [T, H, D]
+        return self.o_proj(out.reshape(tokens, -1))
+
+
+class LeanMLP(nn.Module):
+    def __init__(self, spec: LlamaSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LeanDecoderLayer(nn.Module):
+    def __init__(self, spec: LlamaSpec, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LeanAttention(spec, layer_idx)
+        self.mlp = LeanMLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
+    ) -> torch.Tensor:
+        """Positional arguments, hidden states first: a pipeline PassThrough stands in with that call."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
 class LeanDecoder(nn.Module):
     """Embedding, layers, final norm; called by the pipeline stages with input_ids or inputs_embeds."""
 
-    def __init__(self, hf: Any, num_heads: int, num_kv_heads: int, max_positions: int) -> None:
+    def __init__(self, spec: LlamaSpec) -> None:
         super().__init__()
-        self.embed_tokens = hf.embed_tokens
-        self.layers = nn.ModuleList([LeanDecoderLayer(layer, num_heads, num_kv_heads) for layer in hf.layers])
-        self.norm: nn.Module = RMSNorm(hf.norm.weight, hf.norm.variance_epsilon)
-        dtype = self.embed_tokens.weight.dtype
-        positions = torch.arange(max_positions, device=self.embed_tokens.weight.device)[None]
-        cos, sin = hf.rotary_emb(torch.empty((), dtype=dtype), positions)  # [1, P, D], halves repeated
-        half = cos.shape[-1] // 2
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList([LeanDecoderLayer(spec, i) for i in range(spec.num_layers)])
+        self.norm: nn.Module = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
-        self.register_buffer("cos", cos[0, :, :half].contiguous(), persistent=False)
-        self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)  # [positions, D/2], set_rope
+        self.register_buffer("sin", torch.empty(0), persistent=False)
         self.attention: Any = None
+
+    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """cos/sin [positions, D] as transformers' rotary embedding gives them (halves repeated)."""
+        half = cos.shape[-1] // 2
+        self.cos = cos[:, :half].contiguous().to(self.embed_tokens.weight)
+        self.sin = sin[:, :half].contiguous().to(self.embed_tokens.weight)
 
     def forward(
         self,
@@ -177,11 +179,8 @@ class LeanDecoder(nn.Module):
         **kwargs: Any,
     ) -> LeanOutput:
         """Hidden states [1, T, hidden] after every layer this model holds and the final norm."""
-        return LeanOutput(
-            last_hidden_state=self.norm(
-                self.layers_out(input_ids, position_ids, inputs_embeds, kwargs)
-            ).unsqueeze(0)
-        )
+        x = self.layers_out(input_ids, position_ids, inputs_embeds, kwargs)
+        return LeanOutput(last_hidden_state=self.norm(x).unsqueeze(0))
 
     def layers_out(
         self,
@@ -212,18 +211,18 @@ class LeanLlama(nn.Module):
     """Drop-in for the transformers model under the runner: model(input_ids=, position_ids=,
     logits_to_keep=, paged_attention_metadata=).logits; the final norm and lm_head on kept rows only."""
 
-    def __init__(self, hf: Any) -> None:
+    def __init__(self, spec: LlamaSpec, generation_config: Any = None) -> None:
         super().__init__()
-        self.config = hf.config
-        self.generation_config = getattr(hf, "generation_config", None)
-        attn = hf.model.layers[0].self_attn
-        num_heads = attn.q_proj.weight.shape[0] // attn.head_dim
-        num_kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
-        self.model = LeanDecoder(hf.model, num_heads, num_kv_heads, int(hf.config.max_position_embeddings))
-        self.lm_head: nn.Module = hf.lm_head
+        self.spec = spec
+        self.config = SimpleNamespace(_attn_implementation=None)
+        self.generation_config = generation_config
+        """Read for eos ids (llm_engine.eos_token_ids): transformers' object or generation_config.json's."""
+        self.model = LeanDecoder(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.compiled: Any = None
         """compiled.compile_forward(self.flat_forward) once compile() ran (model.compile: compiled)."""
-        self.set_attn_implementation(hf.config._attn_implementation)
 
     def set_attn_implementation(self, name: str) -> None:
         """One of serving.engine.attention's registered names (autotune_paged, ...)."""
@@ -232,6 +231,26 @@ class LeanLlama(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
+
+    def hf_parameters(self) -> dict[str, torch.Tensor]:
+        """transformers' parameter names -> the views of our (fused) parameters holding them. A tied lm_head
+        is absent, as from transformers' named_parameters. Loading and dummy init write through these."""
+        spec = self.spec
+        kv = spec.num_kv_heads * spec.head_dim
+        fused = {
+            "qkv_proj": (("q_proj", "k_proj", "v_proj"), [spec.num_heads * spec.head_dim, kv, kv]),
+            "gate_up_proj": (("gate_proj", "up_proj"), [spec.intermediate_size] * 2),
+        }
+        views: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            prefix, module, kind = f".{name}".rsplit(".", 2)
+            if module in fused:
+                parts, sizes = fused[module]
+                for part, view in zip(parts, param.detach().split(sizes, dim=0), strict=True):
+                    views[f"{prefix[1:]}.{part}.{kind}"] = view
+            else:
+                views[name] = param.detach()
+        return views
 
     def forward(
         self,
@@ -243,9 +262,8 @@ class LeanLlama(nn.Module):
         **kwargs: Any,
     ) -> LeanOutput:
         if self.compiled is not None and input_ids is not None and position_ids is not None:
-            return LeanOutput(
-                logits=self._run_compiled(input_ids[0], position_ids[0], logits_to_keep, kwargs)
-            )
+            logits = self._run_compiled(input_ids[0], position_ids[0], logits_to_keep, kwargs)
+            return LeanOutput(logits=logits)
         x = self.model.layers_out(input_ids, position_ids, inputs_embeds, kwargs)
         if logits_to_keep is not None:
             x = x.index_select(0, logits_to_keep)
@@ -284,17 +302,3 @@ class LeanLlama(nn.Module):
         with current_step(None if meta is None else Step(meta, self.model.attention)):
             logits = self.compiled(padded(ids, tokens), padded(positions, tokens), padded(keep, kept))
         return logits[: keep.shape[0]].unsqueeze(0)
-
-
-def lean_supported(hf_model: nn.Module, tp: int) -> str | None:
-    """None when the lean forward can serve this model and layout, else why the transformers forward runs."""
-    architectures = getattr(getattr(hf_model, "config", None), "architectures", None) or []
-    name = type(hf_model).__name__
-    if name not in LEAN_ARCHITECTURES:
-        return f"{name} is not one of {sorted(LEAN_ARCHITECTURES)} ({architectures})"
-    if tp > 1:
-        return "parallel.tp > 1: DeepSpeed AutoTP shards transformers' unfused Linears by name"
-    rope_type = (getattr(hf_model.config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if getattr(hf_model.config, "rope_scaling", None) and rope_type == "dynamic":
-        return "dynamic RoPE scaling changes the table with the sequence length"
-    return None

@@ -14,10 +14,12 @@ process, device and dtype.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +39,8 @@ TORCH_DTYPES: dict[DType, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+M = TypeVar("M", bound=nn.Module)
 
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
@@ -120,6 +124,33 @@ def load_model(
     nn.Module.to(model, device=device)
     if lean:
         model = _lean(model, config)
+    return _finish(model, config, device)
+
+
+def load_engine_model(config: DeploymentConfig, device: torch.device) -> nn.Module:
+    """What the engine serves: the lean forward, built straight from the directory when it can (no
+    transformers model classes imported: seconds of start-up), else through load_model(lean=True)."""
+    from serving.engine.attention import attn_implementation_name, implementation_name
+    from serving.engine.llama_loader import load_lean_direct
+
+    check_parallel_quantization(config)
+    directory = resolve_model_dir(config.model.path)
+    hf = json.loads((directory / "config.json").read_text())
+    limit = hf.get("max_position_embeddings")
+    check_max_model_len(config.model, SimpleNamespace(max_position_embeddings=limit))  # type: ignore[arg-type]
+    model = load_lean_direct(config, directory, hf)
+    if model is None:
+        return load_model(config, attn_implementation_name(config.attention), device, lean=True)
+    model.set_attn_implementation(implementation_name(config.attention))
+    model.requires_grad_(False)
+    model.eval()
+    nn.Module.to(model, dtype=TORCH_DTYPES[config.precision.dtype])
+    nn.Module.to(model, device=device)
+    return _finish(model, config, device)
+
+
+def _finish(model: M, config: DeploymentConfig, device: torch.device) -> M:
+    """Quantise, lay the float32 weights out for decode, compile: the steps every loaded model takes."""
     model = apply_quantization(model, config.precision, device)
     if _relayout(config, device):
         relayout_linear_weights(model)
@@ -144,13 +175,15 @@ def _compile(model: nn.Module, config: DeploymentConfig) -> None:
 
 
 def _lean(model: PreTrainedModel, config: DeploymentConfig) -> PreTrainedModel:
-    from serving.engine.llama import LeanLlama, lean_supported
+    from serving.engine.llama_loader import from_transformers, lean_problem
 
-    reason = lean_supported(model, config.parallel.tp)
+    hf = model.config.to_dict()
+    hf["architectures"] = [type(model).__name__]
+    reason = lean_problem(hf, config.parallel.tp)
     if reason is not None:
         logging.getLogger(__name__).info("transformers forward: %s", reason)
         return model
-    lean: PreTrainedModel = LeanLlama(model)  # type: ignore[assignment]
+    lean: PreTrainedModel = from_transformers(model)  # type: ignore[assignment]
     return lean
 
 

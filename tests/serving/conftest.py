@@ -23,7 +23,7 @@ import torch
 
 from serving.config import DeploymentConfig
 from serving.engine.attention import attn_implementation_name
-from serving.engine.model_loader import load_model
+from serving.engine.model_loader import load_engine_model, load_model
 from serving.launch import ServerProcess
 
 STARTUP_TIMEOUT_S = 120.0
@@ -81,9 +81,12 @@ def paged_tiny_model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module", params=["lean", "transformers"])
 def engine_tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
-    """llama-tiny under both forwards the engine runs: its own (llama.py) and transformers'."""
+    """llama-tiny under both forwards the engine runs: its own (llama.py, built without transformers as
+    the server builds it) and transformers'."""
     config, device = tiny_deployment(device="cpu"), torch.device("cpu")
-    return load_model(config, attn_implementation_name("paged"), device, lean=request.param == "lean")
+    if request.param == "lean":
+        return load_engine_model(config, device)
+    return load_model(config, attn_implementation_name("paged"), device)
 
 
 @pytest.fixture

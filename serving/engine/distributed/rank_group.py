@@ -71,14 +71,11 @@ def rank_context(config: DeploymentConfig, rank: int, allreduce: str) -> RankCon
 
 def load_rank_model(config: DeploymentConfig, ctx: RankContext) -> RankModel:
     """The seeded model, sharded (tp > 1) or cut to this rank's stage (pp > 1); every rank runs this."""
-    from serving.engine.attention import attn_implementation_name
     from serving.engine.distributed.pipeline import decoder_of, make_stage
     from serving.engine.distributed.tensor_parallel import shard_model
-    from serving.engine.model_loader import TORCH_DTYPES, load_model
+    from serving.engine.model_loader import TORCH_DTYPES, load_engine_model
 
-    model: torch.nn.Module = load_model(
-        config, attn_implementation_name(config.attention), ctx.device, lean=True
-    )
+    model: torch.nn.Module = load_engine_model(config, ctx.device)
     num_blocks = replica_num_blocks(config, model)
     if config.parallel.tp > 1:
         model = shard_model(model, config.parallel.tp, TORCH_DTYPES[config.precision.dtype])
