@@ -25,6 +25,8 @@ from torch import nn
 
 from serving.engine.attention import METADATA_KWARG, function_for
 
+Device = torch.device | str | None
+
 
 @dataclass(frozen=True)
 class LlamaSpec:
@@ -54,9 +56,9 @@ class LeanOutput:
 class RMSNorm(nn.Module):
     """transformers' LlamaRMSNorm arithmetic (float32 statistics, cast back, then the weight)."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, device: Device = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(size, device=device), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,7 @@ class Step:
 class LeanAttention(nn.Module):
     """Fused qkv projection, RoPE, paged attention (the engine's function), o_proj."""
 
-    def __init__(self, spec: LlamaSpec, layer_idx: int) -> None:
+    def __init__(self, spec: LlamaSpec, layer_idx: int, device: Device = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = spec.head_dim
@@ -104,8 +106,9 @@ class LeanAttention(nn.Module):
         self.num_kv_heads = spec.num_kv_heads
         self.scaling = spec.head_dim**-0.5
         self.sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
-        self.qkv_proj = nn.Linear(spec.hidden_size, sum(self.sizes), bias=spec.attention_bias)
-        self.o_proj = nn.Linear(self.sizes[0], spec.hidden_size, bias=spec.attention_bias)
+        bias = spec.attention_bias
+        self.qkv_proj = nn.Linear(spec.hidden_size, sum(self.sizes), bias=bias, device=device)
+        self.o_proj = nn.Linear(self.sizes[0], spec.hidden_size, bias=bias, device=device)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
@@ -124,10 +127,11 @@ class LeanAttention(nn.Module):
 
 
 class LeanMLP(nn.Module):
-    def __init__(self, spec: LlamaSpec) -> None:
+    def __init__(self, spec: LlamaSpec, device: Device = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        hidden, inter, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias, device=device)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -135,12 +139,12 @@ class LeanMLP(nn.Module):
 
 
 class LeanDecoderLayer(nn.Module):
-    def __init__(self, spec: LlamaSpec, layer_idx: int) -> None:
+    def __init__(self, spec: LlamaSpec, layer_idx: int, device: Device = None) -> None:
         super().__init__()
-        self.self_attn = LeanAttention(spec, layer_idx)
-        self.mlp = LeanMLP(spec)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = LeanAttention(spec, layer_idx, device)
+        self.mlp = LeanMLP(spec, device)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step | None
@@ -153,11 +157,13 @@ class LeanDecoderLayer(nn.Module):
 class LeanDecoder(nn.Module):
     """Embedding, layers, final norm; called by the pipeline stages with input_ids or inputs_embeds."""
 
-    def __init__(self, spec: LlamaSpec) -> None:
+    def __init__(self, spec: LlamaSpec, device: Device = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList([LeanDecoderLayer(spec, i) for i in range(spec.num_layers)])
-        self.norm: nn.Module = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        # _weight: no init draw (on the meta device nn.Embedding's own draw imports torch._dynamo, ~1-3 s).
+        weight = torch.empty(spec.vocab_size, spec.hidden_size, device=device)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=weight)
+        self.layers = nn.ModuleList([LeanDecoderLayer(spec, i, device) for i in range(spec.num_layers)])
+        self.norm: nn.Module = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device)
         self.cos: torch.Tensor
         self.sin: torch.Tensor
         self.register_buffer("cos", torch.empty(0), persistent=False)  # [positions, D/2], set_rope
@@ -211,14 +217,15 @@ class LeanLlama(nn.Module):
     """Drop-in for the transformers model under the runner: model(input_ids=, position_ids=,
     logits_to_keep=, paged_attention_metadata=).logits; the final norm and lm_head on kept rows only."""
 
-    def __init__(self, spec: LlamaSpec, generation_config: Any = None) -> None:
+    def __init__(self, spec: LlamaSpec, generation_config: Any = None, device: Device = None) -> None:
+        """device="meta" builds no weights (loaders then call to_empty and fill them)."""
         super().__init__()
         self.spec = spec
         self.config = SimpleNamespace(_attn_implementation=None)
         self.generation_config = generation_config
         """Read for eos ids (llm_engine.eos_token_ids): transformers' object or generation_config.json's."""
-        self.model = LeanDecoder(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.model = LeanDecoder(spec, device)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device=device)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.compiled: Any = None

@@ -84,8 +84,7 @@ def load_lean_direct(config: DeploymentConfig, directory: Path, hf: dict[str, An
         log.info("model built by transformers: %s", reason)
         return None
     spec = spec_from_config(hf)
-    with torch.device("meta"):
-        model = LeanLlama(spec, _generation_config(directory, hf))
+    model = LeanLlama(spec, _generation_config(directory, hf), device="meta")
     model.to_empty(device="cpu")
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -103,8 +102,7 @@ def from_transformers(hf_model: Any) -> LeanLlama:
     """The lean model holding a loaded transformers Llama's weights (its rotary table included)."""
     hf_config = hf_model.config
     spec = spec_from_config(hf_config.to_dict())
-    with torch.device("meta"):
-        model = LeanLlama(spec, getattr(hf_model, "generation_config", None))
+    model = LeanLlama(spec, getattr(hf_model, "generation_config", None), device="meta")
     first = next(hf_model.parameters())
     model.to_empty(device=first.device)
     nn.Module.to(model, dtype=first.dtype)

@@ -19,7 +19,7 @@ import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -84,7 +84,9 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
     field = "model.tokenizer" if model.tokenizer else "model.path"
     directory = resolve_model_dir(model.tokenizer or model.path, field)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = _tokenizer_class(directory, AutoTokenizer).from_pretrained(
+            directory, local_files_only=True
+        )
     except (OSError, ValueError) as err:
         raise ConfigError(f"{field}={directory}: cannot load a tokenizer there: {err}") from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
@@ -93,6 +95,16 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
             "(tokenizer.json)"
         )
     return tokenizer
+
+
+def _tokenizer_class(directory: Path, auto: Any) -> Any:
+    """PreTrainedTokenizerFast itself when tokenizer_config.json names it: AutoTokenizer would first import
+    transformers' model registry (about 3 s of CPU of start-up here) to arrive at the same class."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = directory / "tokenizer_config.json"
+    named = json.loads(path.read_text()).get("tokenizer_class") if path.is_file() else None
+    return PreTrainedTokenizerFast if named == "PreTrainedTokenizerFast" else auto
 
 
 def load_model(
