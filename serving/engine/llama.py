@@ -221,7 +221,7 @@ class LeanLlama(nn.Module):
         """device="meta" builds no weights (loaders then call to_empty and fill them)."""
         super().__init__()
         self.spec = spec
-        self.config = SimpleNamespace(_attn_implementation=None)
+        self.config = SimpleNamespace(_attn_implementation=None, vocab_size=spec.vocab_size)
         self.generation_config = generation_config
         """Read for eos ids (llm_engine.eos_token_ids): transformers' object or generation_config.json's."""
         self.model = LeanDecoder(spec, device)
