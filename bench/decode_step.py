@@ -13,6 +13,8 @@ A step is the whole engine step (schedule, metadata, forward, sampling, postproc
 Target (issue 2): <= 8 ms at batch 1 for llama-57m (bandwidth floor 5.5 ms). Timings on a shared machine are
 noisy; the median wall time of --steps steps is printed with its 10th-90th percentile range, and the median
 CPU time of this process per step (steadier when other processes compete for the cores).
+--floor prints the batch-1 memory-bandwidth floor beside: bytes of the matrices a decode step reads over
+the best copy bandwidth of a 256 MB buffer measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import itertools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -72,6 +75,29 @@ def build(config: DeploymentConfig, lean: bool) -> LLMEngine:
     return LLMEngine(config, model, eos_token_ids=eos_token_ids(model, None))
 
 
+def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+    """GB/s of the best of `repeats` copies of a buffer far larger than the caches (read + write bytes)."""
+    src = torch.empty(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a batch-1 decode step must read: every matrix but the embedding (one row of it is read)."""
+    embedding = model.get_input_embeddings().weight  # type: ignore[operator]
+    return sum(
+        p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2 and p is not embedding
+    )
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -85,6 +111,9 @@ def main() -> None:
     parser.add_argument("--forward", nargs="+", default=["lean"], choices=["lean", "transformers"])
     parser.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"])
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--floor", action="store_true", help="also print the batch-1 floor: weight bytes / copy bandwidth"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core we may use)")
     args = parser.parse_args()
     print(f"model: {args.model}  context: {args.context}")
@@ -116,6 +145,10 @@ def main() -> None:
             row_major_linear_weights(engine.runner.model)
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.floor:
+            size, bandwidth = weight_bytes(engine.runner.model), copy_bandwidth()
+            floor = size / bandwidth / 1e6
+            print(f"floor: {size / 1e6:.1f} MB / {bandwidth:.1f} GB/s = {floor:.2f} ms", flush=True)
         for batch in args.batch:
             wall, cpu = measure(engine, batch, args.context, args.steps)
             wall.sort()
