@@ -9,8 +9,8 @@ same weights, same dummy init, same local directories. What it does differently 
 - no masks, caches or output dataclasses of the library: attention reads and writes the paged KV cache
   through the engine's attention functions (serving/engine/attention.py), chosen by config.attention.
 The module tree keeps transformers' names (model.embed_tokens, model.layers, model.norm, lm_head) so the
-pipeline stages (distributed/pipeline.py) cut it the same way. Tensor parallelism (DeepSpeed AutoTP) shards
-transformers' unfused Linears by name, so tp > 1 keeps the transformers forward (llama_loader.py says when).
+pipeline stages (distributed/pipeline.py) cut it the same way; tensor parallelism shards it with
+distributed/lean_tp.py (DeepSpeed AutoTP still shards a transformers model that llama_loader.py leaves).
 """
 
 from __future__ import annotations

@@ -29,13 +29,11 @@ LEAN_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
 log = logging.getLogger(__name__)
 
 
-def lean_problem(hf: dict[str, Any], tp: int) -> str | None:
-    """None when the lean forward serves this config.json and layout, else why transformers' forward runs."""
+def lean_problem(hf: dict[str, Any]) -> str | None:
+    """None when the lean forward serves this config.json, else why transformers' forward runs."""
     architectures = hf.get("architectures") or []
     if list(architectures) != ["LlamaForCausalLM"]:
         return f"architectures={architectures} is not one of {sorted(LEAN_ARCHITECTURES)}"
-    if tp > 1:
-        return "parallel.tp > 1: DeepSpeed AutoTP shards transformers' unfused Linears by name"
     if hf.get("hidden_act", "silu") != "silu" or hf.get("pretraining_tp", 1) != 1:
         return "hidden_act other than silu or pretraining_tp > 1"
     return None
@@ -77,7 +75,7 @@ def default_rope(hf: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, torch
 
 def load_lean_direct(config: DeploymentConfig, directory: Path, hf: dict[str, Any]) -> LeanLlama | None:
     """float32 CPU model with its weights (dummy or read), or None when transformers must build it."""
-    reason = lean_problem(hf, config.parallel.tp) or rope_problem(hf)
+    reason = lean_problem(hf) or rope_problem(hf)
     if reason is None and config.model.load_format == "auto" and not any(directory.glob("*.safetensors")):
         reason = "the checkpoint is not in safetensors files"
     if reason is not None:

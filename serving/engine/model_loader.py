@@ -191,7 +191,7 @@ def _lean(model: PreTrainedModel, config: DeploymentConfig) -> PreTrainedModel:
 
     hf = model.config.to_dict()
     hf["architectures"] = [type(model).__name__]
-    reason = lean_problem(hf, config.parallel.tp)
+    reason = lean_problem(hf)
     if reason is not None:
         logging.getLogger(__name__).info("transformers forward: %s", reason)
         return model
