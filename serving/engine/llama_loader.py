@@ -3,7 +3,7 @@ transformers model when the directory needs the library (RoPE scalings we do not
 
 Reading config.json and the weights ourselves keeps transformers' modelling import (~2.5 s of CPU of
 start-up on this kind of machine, plus torch._dynamo it pulls in) out of the engine's start-up. Dummy
-weights are drawn exactly as model_loader.init_dummy_weights draws them for transformers' model (the same
+weights are drawn by dummy_weights.draw_dummy, as for transformers' model (the same
 parameter names in the same order, float32 on the CPU from a generator seeded by model.seed, then cast), so
 both forwards serve the same model: the greedy-equality tests compare them against transformers' generate.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from serving.config import ConfigError, DeploymentConfig
+from serving.engine.dummy_weights import draw_dummy
 from serving.engine.llama import LeanLlama, LlamaSpec
 
 LEAN_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
@@ -116,20 +116,6 @@ def from_transformers(hf_model: Any) -> LeanLlama:
     model.model.set_rope(cos[0], sin[0])
     model.set_attn_implementation(hf_config._attn_implementation)
     return model
-
-
-def draw_dummy(views: dict[str, torch.Tensor], seed: int) -> None:
-    """model_loader.init_dummy_weights' draws, name by name in sorted order, into our fused parameters."""
-    from serving.engine.model_loader import DUMMY_WEIGHT_GAIN
-
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for name, view in sorted(views.items()):
-        if view.dim() >= 2:
-            view.normal_(0.0, DUMMY_WEIGHT_GAIN / math.sqrt(view[0].numel()), generator=generator)
-        elif name.endswith("bias"):
-            view.zero_()
-        else:
-            view.fill_(1.0)
 
 
 def _read_weights(directory: Path, views: dict[str, torch.Tensor]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -25,14 +24,12 @@ import torch
 from torch import nn
 
 from serving.config import ConfigError, DeploymentConfig, DType, ModelConfig
+from serving.engine.dummy_weights import DUMMY_WEIGHT_GAIN, draw_dummy  # noqa: F401 (re-exported)
 from serving.engine.quantization import apply_quantization, check_parallel_quantization
 from serving.engine.weight_layout import relayout_linear_weights
 
 if TYPE_CHECKING:  # transformers is imported where used: the launcher resolves paths without it
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
-
-DUMMY_WEIGHT_GAIN = 1.5
-"""Dummy matrices have std gain / sqrt(fan_in): large enough that greedy outputs vary from token to token."""
 
 TORCH_DTYPES: dict[DType, torch.dtype] = {
     "float32": torch.float32,
@@ -231,17 +228,9 @@ def build_dummy_model(hf_config: PretrainedConfig, attn_implementation: str, see
     return model
 
 
-@torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Matrices ~ N(0, gain / sqrt(fan_in)), 1-D norm weights 1, biases 0, in parameter-name order."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if param.dim() >= 2:  # drawn in place: the model is float32 on the CPU here (build_dummy_model)
-            param.normal_(0.0, DUMMY_WEIGHT_GAIN / math.sqrt(param[0].numel()), generator=generator)
-        elif name.endswith("bias"):
-            param.zero_()
-        else:
-            param.fill_(1.0)
+    """dummy_weights.draw_dummy over the model's parameters (float32 on the CPU: build_dummy_model)."""
+    draw_dummy({name: param.detach() for name, param in model.named_parameters()}, seed)
 
 
 def check_max_model_len(model: ModelConfig, hf_config: PretrainedConfig) -> None:
