@@ -9,9 +9,10 @@ from serving.config import ConfigError, DeploymentConfig
 def check_compile(config: DeploymentConfig) -> None:
     """ConfigError naming the field and the fix when compiled execution cannot serve this deployment.
 
-    The compiled step is the lean forward of one process (serving/engine/compiled.py): tensor parallelism
-    keeps transformers' forward for DeepSpeed AutoTP, pipeline stages call the decoder stage by stage, and
-    the quantised Linears are other module types than the graph was written for.
+    The compiled step is the lean forward of one process (serving/engine/compiled.py): tensor-parallel
+    ranks all-reduce inside the step and pipeline stages call the decoder stage by stage (both run the lean
+    forward eagerly; compiling them is not built or tested yet), and the quantised Linears are other
+    module types than the graph was written for.
     """
     if config.model.compile != "compiled":
         return
