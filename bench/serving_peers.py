@@ -1,8 +1,8 @@
 """Our serving engine beside its peers (issues 2 and 16): the same load, both clients, one table.
 
     .venv/bin/python bench/serving_peers.py [--only builtin vllm generate tf-serve] [--concurrency 1 8 32]
-        [--systems "ours continuous" ...] [--clients ours vllm] [--quick]
-        [--out bench/results/serving_peers.json]
+        [--systems "ours continuous" ...] [--vllm-systems vllm-cpu "vllm-cpu tp2" ...] [--clients ours vllm]
+        [--quick] [--out bench/results/serving_peers.json]
 
 Load: llama-57m (dummy weights), prompts of 128 tokens, exactly 64 streamed output tokens (ignore_eos),
 a closed loop at each concurrency with max(16, 4 * c) timed requests after a few warm-ups, servers pinned
@@ -10,39 +10,38 @@ to cores 0-1. Every server row is measured by each of --clients in turn: `ours` 
 (autotune.traffic.runner.run_benchmark), `vllm` is vLLM's own `vllm bench serve` (bench/vllm_client.py),
 so the issue's table (vLLM's client) and ours come from one command.
 Systems (--only picks groups, --systems picks builtin rows by name):
-  builtin   `serving serve` with scheduler.policy continuous (float32, bfloat16, int8_dynamic), static
-            and request
+  builtin   `serving serve` with scheduler.policy continuous (float32, bfloat16, int8_dynamic, eager and
+            model.compile=compiled), static and request; tp2 and pp2 (float32, continuous)
   vllm      vllm-cpu 0.32 from .venv-vllm via serving.backends' vllm backend, with vLLM's default
-            torch.compile warm-up (no --enforce-eager: what a vLLM user gets by default), float32
+            torch.compile warm-up (no --enforce-eager: what a vLLM user gets by default), float32, tp1,
+            tp2 and pp2 (--vllm-systems)
   generate  transformers' generate() offline on padded static batches of c prompts (tok/s only)
   tf-serve  `transformers serve` with and without --continuous-batching (random weights saved to a temp
             dir; it refuses ignore_eos with 422, so requests stop at EOS or 64 tokens: tok/s counts real ones)
+            (these two groups live in bench/hf_peers.py)
+The builtin and vllm groups run interleaved by layout (ours tp1 rows, vLLM tp1, ours tp2, vLLM tp2, ours
+pp2, vLLM pp2), so each pair is measured minutes apart on a machine whose load moves.
 Every server runs in its own process group and is stopped by ServerProcess (or os.killpg) before the next.
-Ratios: each builtin row over vllm-cpu at the same concurrency, measured by the same client.
+Ratios: each builtin row over vLLM's row of the same layout at the same concurrency, by the same client.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-
 from autotune.traffic.config import ArrivalConfig, ClientConfig, LengthDistribution, WorkloadConfig
 from autotune.traffic.runner import run_benchmark
 from serving.config import DeploymentConfig
-from serving.launch import ServerProcess, free_port
+from serving.launch import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import machine
@@ -61,7 +60,36 @@ BUILTIN_ROWS: dict[str, dict[str, object]] = {
     "ours static": {"scheduler.policy": "static"},
     "ours request": {"scheduler.policy": "request"},
     "ours continuous int8": {"scheduler.policy": "continuous", "precision.quantization": "int8_dynamic"},
+    "ours compiled": {"scheduler.policy": "continuous", "model.compile": "compiled"},
+    "ours compiled bfloat16": {
+        "scheduler.policy": "continuous",
+        "model.compile": "compiled",
+        "precision.dtype": "bfloat16",
+    },
+    "ours tp2": {"scheduler.policy": "continuous", "parallel.tp": 2},
+    "ours pp2": {"scheduler.policy": "continuous", "parallel.pp": 2},
 }
+VLLM_ROWS: dict[str, dict[str, object]] = {
+    "vllm-cpu": {},
+    "vllm-cpu tp2": {"parallel.tp": 2},
+    "vllm-cpu pp2": {"parallel.pp": 2},
+}
+
+
+def layout(overrides: dict[str, object]) -> str:
+    """`tp2`, `pp2` or `` (one rank): which vLLM row a builtin row is compared with."""
+    for key in ("tp", "pp"):
+        n = overrides.get(f"parallel.{key}", 1)
+        if n != 1:
+            return f"{key}{n}"
+    return ""
+
+
+def peer_of(system: str) -> str:
+    name = layout(BUILTIN_ROWS[system])
+    return f"vllm-cpu {name}" if name else "vllm-cpu"
+
+
 COMMON: dict[str, object] = {
     "server.port": 0,
     "scheduler.max_num_seqs": 32,
@@ -165,116 +193,40 @@ def run_builtin(run: Run, systems: list[str]) -> list[Row]:
     return rows
 
 
-def run_vllm(run: Run) -> list[Row]:
-    config = DeploymentConfig().replace(**{**COMMON, "backend": "vllm", "cache.block_size": 32})
-    with ServerProcess(config, log_path=run.log_dir / "vllm.log", cpus=CPUS) as server:
+def run_vllm(run: Run, system: str = "vllm-cpu") -> list[Row]:
+    overrides = {**COMMON, "backend": "vllm", "cache.block_size": 32, **VLLM_ROWS[system]}
+    config = DeploymentConfig().replace(**overrides)
+    log = run.log_dir / (system.replace(" ", "_") + ".log")
+    with ServerProcess(config, log_path=log, cpus=CPUS) as server:
         started = time.monotonic()
-        server.wait_healthy(600)
-        print(f"vllm-cpu: healthy after {time.monotonic() - started:.1f} s", flush=True)
-        return measure(server.url, config.model.name, "vllm-cpu", run)
+        server.wait_healthy(900)
+        print(f"{system}: healthy after {time.monotonic() - started:.1f} s", flush=True)
+        return measure(server.url, config.model.name, system, run)
 
 
-def run_generate(concurrencies: list[int], quick: bool) -> list[Row]:
-    """Offline padded static batches: c prompts of 128 tokens, 64 new tokens each, greedy, no EOS stop."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    torch.set_num_threads(len(CPUS))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR)).eval()
-    vocab = model.config.vocab_size
-    rows = []
-    for c in concurrencies:
-        ids = torch.randint(0, vocab, (c, INPUT_LEN))
-        mask = torch.ones_like(ids)
-        kwargs = {
-            "attention_mask": mask,
-            "max_new_tokens": OUTPUT_LEN,
-            "min_new_tokens": OUTPUT_LEN,
-            "do_sample": False,
-            "pad_token_id": 0,
-        }
-        with torch.inference_mode():
-            warm = {**kwargs, "attention_mask": mask[:, :16], "max_new_tokens": 4, "min_new_tokens": 4}
-            model.generate(ids[:, :16], **warm)
-            batches = max(1, num_requests(c, quick) // c)
-            start = time.perf_counter()
-            tokens = 0
-            for _ in range(batches):
-                out = model.generate(ids, **kwargs)
-                tokens += (out.shape[1] - INPUT_LEN) * c
-            elapsed = time.perf_counter() - start
-        row = Row("hf generate (offline)", c, tokens / elapsed)
-        print(json.dumps(row.__dict__), flush=True)
-        rows.append(row)
+def run_interleaved(run: Run, systems: list[str], vllm_systems: list[str], groups: list[str]) -> list[Row]:
+    """Per layout: our rows of that layout, then vLLM's (each group only when asked for)."""
+    rows: list[Row] = []
+    for peer in VLLM_ROWS:
+        if "builtin" in groups:
+            mine = [s for s in systems if peer_of(s) == peer]
+            rows += guarded(f"builtin {peer}", run, lambda mine=mine: run_builtin(run, mine))
+        if "vllm" in groups and peer in vllm_systems:
+            rows += guarded(peer, run, lambda peer=peer: run_vllm(run, peer))
     return rows
 
 
-@contextlib.contextmanager
-def tf_serve(model_dir: Path, continuous: bool, log: Path) -> Iterator[str]:
-    """`transformers serve <dir>` pinned to CPUS in its own process group; its URL once /health answers."""
-    port = free_port()
-    command = [
-        "taskset",
-        "-c",
-        ",".join(map(str, CPUS)),
-        str(ROOT / ".venv" / "bin" / "transformers"),
-        "serve",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--continuous-batching" if continuous else "--no-continuous-batching",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
+def guarded(name: str, run: Run, measure_group: Callable[[], list[Row]]) -> list[Row]:
+    """The group's rows; a failing group prints its logs' tails and gives none (the others still run)."""
+    t0 = time.monotonic()
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve not healthy in 180 s; see {log}")
-            time.sleep(1)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def run_tf_serve(run: Run) -> list[Row]:
-    try:
-        import accelerate  # noqa: F401  (transformers serve always loads with a device_map)
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    except ImportError as err:
-        print(f"skipping tf-serve: {err} (needs the transformers[serving] extra and accelerate)", flush=True)
+        rows = measure_group()
+    except Exception as err:  # one failing peer must not lose the rows of the others
+        print(f"{name} failed after {time.monotonic() - t0:.0f} s: {err!r}", flush=True)
+        for log in sorted(run.log_dir.glob("*.log")):
+            print(f"--- tail of {log.name}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
         return []
-    log_dir = run.log_dir
-    model_dir = log_dir / "llama-57m-random"
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR))
-    model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(model_dir)
-    rows: list[Row] = []
-    for continuous in (True, False):
-        system = "transformers serve" + (" --continuous-batching" if continuous else "")
-        try:
-            with tf_serve(model_dir, continuous, log_dir / f"tf-serve-{continuous}.log") as url:
-                rows += measure(url, str(model_dir), system, run, ignore_eos=False)
-        except (RuntimeError, httpx.HTTPError) as err:
-            print(f"skipping {system}: {err}", flush=True)
+    print(f"{name}: {time.monotonic() - t0:.0f} s", flush=True)
     return rows
 
 
@@ -304,13 +256,16 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         if cont and req and req.output_tok_s:
             out[f"continuous/request tok/s c32 ({client} client)"] = cont.output_tok_s / req.output_tok_s
     for (system, client, c), ours in by.items():
-        peer = by.get(("vllm-cpu", client, c))
-        if system not in BUILTIN_ROWS or peer is None:
+        if system not in BUILTIN_ROWS:
+            continue
+        name = peer_of(system)
+        peer = by.get((name, client, c))
+        if peer is None:
             continue
         if peer.output_tok_s:
-            out[f"{system} / vllm-cpu tok/s c{c} ({client} client)"] = ours.output_tok_s / peer.output_tok_s
+            out[f"{system} / {name} tok/s c{c} ({client} client)"] = ours.output_tok_s / peer.output_tok_s
         if ours.p99_ttft_ms and peer.p99_ttft_ms:
-            out[f"{system} / vllm-cpu p99 TTFT c{c} ({client} client)"] = ours.p99_ttft_ms / peer.p99_ttft_ms
+            out[f"{system} / {name} p99 TTFT c{c} ({client} client)"] = ours.p99_ttft_ms / peer.p99_ttft_ms
     return out
 
 
@@ -321,6 +276,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--systems", nargs="+", choices=list(BUILTIN_ROWS), default=list(BUILTIN_ROWS))
+    parser.add_argument("--vllm-systems", nargs="+", choices=list(VLLM_ROWS), default=list(VLLM_ROWS))
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument(
         "--quick", action="store_true", help="fewer requests: max(8, 2c) instead of max(16, 4c)"
@@ -330,30 +286,20 @@ def main() -> None:
     if any(c < 1 for c in args.concurrency):
         sys.exit("--concurrency: every value must be >= 1")
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    print(f"start {started}; {machine()}; load average {os.getloadavg()}", flush=True)
+    load_before = os.getloadavg()
+    print(f"start {started}; {machine()}; load average {load_before}", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="serving-peers-") as tmp:
         log_dir = Path(tmp)
         run = Run(args.concurrency, args.quick, args.clients, log_dir)
-        for group in GROUPS:
-            if group not in args.only:
-                continue
-            t0 = time.monotonic()
-            try:
-                if group == "builtin":
-                    rows += run_builtin(run, args.systems)
-                elif group == "vllm":
-                    rows += run_vllm(run)
-                elif group == "generate":
-                    rows += run_generate(args.concurrency, args.quick)
-                else:
-                    rows += run_tf_serve(run)
-            except Exception as err:  # one failing peer must not lose the rows of the others
-                print(f"{group} failed after {time.monotonic() - t0:.0f} s: {err!r}", flush=True)
-                for log in sorted(log_dir.glob("*.log")):
-                    print(f"--- tail of {log.name}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
-                continue
-            print(f"{group}: {time.monotonic() - t0:.0f} s", flush=True)
+        rows += run_interleaved(run, args.systems, args.vllm_systems, args.only)
+        if "generate" in args.only or "tf-serve" in args.only:
+            from bench.hf_peers import run_generate, run_tf_serve  # imports this module: not at the top
+
+            if "generate" in args.only:
+                rows += guarded("generate", run, lambda: run_generate(args.concurrency, args.quick))
+            if "tf-serve" in args.only:
+                rows += guarded("tf-serve", run, lambda: run_tf_serve(run))
     found = ratios(rows)
     print()
     print(table(rows))
@@ -369,6 +315,9 @@ def main() -> None:
         "output_len": OUTPUT_LEN,
         "cpus": CPUS,
         "machine": machine(),
+        "load_average_start": load_before,
+        "load_average_end": os.getloadavg(),
+        "command": " ".join(sys.argv),
         "rows": [r.__dict__ for r in rows],
         "ratios": found,
     }

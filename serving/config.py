@@ -53,6 +53,9 @@ class ModelConfig:
     """The name clients send in `model`; defaults to the directory's name."""
     tokenizer: str | None = None
     """Tokenizer directory when it is not the model directory."""
+    compile: Literal["eager", "compiled"] | None = None
+    """`compiled`: torch.compile (inductor) of the step, slower start-up for faster steps (builtin: tp = pp
+    = 1, no quantization); vLLM compiles unless `eager` (--enforce-eager). null: the engine's default."""
 
     def __post_init__(self) -> None:
         require(self.max_model_len >= 16, "model.max_model_len", self.max_model_len, "use at least 16")

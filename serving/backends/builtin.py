@@ -10,6 +10,7 @@ import yaml
 
 from serving.backends.base import ServingBackend
 from serving.config import ConfigError, DeploymentConfig
+from serving.engine.compile_support import check_compile
 from serving.paths import pythonpath_with_package
 
 
@@ -27,6 +28,7 @@ class BuiltinBackend(ServingBackend):
                     f"{'flags' if key == 'engine_args' else 'interpreter'}; remove it or use "
                     "backend=vllm/sglang"
                 )
+        check_compile(config)
 
     def command(self, config: DeploymentConfig, port: int, *, config_path: Path | None = None) -> list[str]:
         """With config_path the full config is written there; without, the fields that differ from the

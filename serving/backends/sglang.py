@@ -106,6 +106,8 @@ class SGLangBackend(ExternalEngineBackend):
             args += ["--attention-backend", ATTENTION[config.attention]]
         if config.device != "auto":
             args += ["--device", config.device]
+        if model.compile == "compiled":  # SGLang runs eagerly by default (null and `eager`)
+            args.append("--enable-torch-compile")
         return args
 
     def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:

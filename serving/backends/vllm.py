@@ -115,6 +115,8 @@ class VLLMBackend(ExternalEngineBackend):
             args += ["--quantization", QUANTIZATION_GPU[config.precision.quantization]]
         if uses_cpu(config):
             args += ["--attention-backend", CPU_ATTENTION_BACKEND]
+        if model.compile == "eager":  # vLLM compiles by default (null and `compiled`)
+            args.append("--enforce-eager")
         return args
 
     def env(self, config: DeploymentConfig, cpus: Sequence[int] | None) -> dict[str, str]:

@@ -9,8 +9,8 @@ never the config, because a tensor-parallel rank sees only its share of the head
 Backends (config.attention), all giving the same greedy tokens:
 - eager: reference math, one sequence at a time: gather its K/V, matmul, causal mask, softmax, matmul.
 - sdpa: torch SDPA over a padded [sequences, max query, max context] batch with enable_gqa and a mask.
-- paged: decode rows gather exactly their context slots (one index_select, no per-block padding) into one
-  SDPA with the query heads of each KV head stacked as its queries (masked only when lengths differ);
+- paged: decode rows gather their context's whole blocks (one index_select of block-sized rows) into one
+  SDPA with the query heads of each KV head stacked as its queries (masked past each row's length);
   prefill rows form their own padded batch, so decodes never pay for prompt padding. No per-sequence loops.
 Metadata tensors are built once per step (metadata.py) and reused by every layer.
 """
@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
 from serving.config import AttentionBackend
 from serving.engine.attention_metadata import AttentionMetadata, PaddedBatch
@@ -119,6 +118,14 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return rows.view(batch, length, cache.shape[1], cache.shape[2]).transpose(1, 2)
 
 
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, nb] block ids of a [slots, KVH, D] cache as [B, KVH, nb * block_size, D]: one index_select of
+    whole blocks (a block's slots are one contiguous row of the cache)."""
+    batch, num = blocks.shape
+    rows = cache.view(-1, block_size * cache.shape[1] * cache.shape[2]).index_select(0, blocks.view(-1))
+    return rows.view(batch, num * block_size, cache.shape[1], cache.shape[2]).transpose(1, 2)
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -143,8 +150,8 @@ def paged_attention(
     if num_decode:
         q = query[0, :, :num_decode].transpose(0, 1)  # [Bd, H, D]
         q = q.reshape(num_decode, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        k = _gather(k_cache, paged.decode_slots)  # [Bd, KVH, L, D]
-        v = _gather(v_cache, paged.decode_slots)
+        k = _gather_blocks(k_cache, paged.decode_blocks, meta.block_size)  # [Bd, KVH, L, D]
+        v = _gather_blocks(v_cache, paged.decode_blocks, meta.block_size)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=paged.decode_mask, scale=scaling)
         parts.append(o.reshape(num_decode, num_heads, head_dim))
     if paged.prefill is not None:
@@ -156,10 +163,30 @@ def paged_attention(
 IMPLEMENTATIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "paged": paged_attention}
 
 
-def attn_implementation_name(backend: AttentionBackend) -> str:
-    """The name to pass as attn_implementation when loading a model for this backend (registered here)."""
+def implementation_name(backend: AttentionBackend) -> str:
+    """The engine's name for this backend (what function_for maps back), without registering it."""
     if backend not in IMPLEMENTATIONS:
         raise ValueError(f"attention={backend!r} is invalid: choose one of {', '.join(IMPLEMENTATIONS)}")
-    name = f"autotune_{backend}"
+    return f"autotune_{backend}"
+
+
+def attn_implementation_name(backend: AttentionBackend) -> str:
+    """The name to pass as attn_implementation when loading a transformers model for this backend
+    (registered with transformers here: the lean forward needs no registration, nor the import)."""
+    from transformers import AttentionInterface
+
+    name = implementation_name(backend)
     AttentionInterface.register(name, IMPLEMENTATIONS[backend])
     return name
+
+
+def function_for(name: str) -> Any:
+    """The attention function behind a name attn_implementation_name returned (the lean forward calls it
+    directly instead of through transformers' registry)."""
+    for backend, fn in IMPLEMENTATIONS.items():
+        if name == f"autotune_{backend}":
+            return fn
+    raise ValueError(
+        f"attention implementation {name!r} is not one of the engine's: load the model with "
+        "attn_implementation_name(config.attention)"
+    )

@@ -35,11 +35,13 @@ class PagedBatch:
 
     num_decode: int
     """Leading rows (and tokens) that decode one token."""
-    decode_slots: torch.Tensor
-    """[num_decode, longest context] cache slot of every context position (padding: slot 0, masked)."""
+    decode_blocks: torch.Tensor
+    """[num_decode, blocks of the longest context] block table of every decode row (padding: block 0,
+    masked): attention gathers whole blocks (block_size slots in one contiguous row each), 16x fewer
+    indices than one per slot, and several times faster on the CPU."""
     decode_mask: torch.Tensor | None
-    """[num_decode, 1, 1, longest context] True for positions < the row's context length; None when
-    every decode row has the longest context (batch 1, equal lengths), so SDPA runs unmasked."""
+    """[num_decode, 1, 1, blocks * block_size] True for positions < the row's context length; None when
+    every decode row's context fills exactly those blocks, so SDPA runs unmasked."""
     prefill: PaddedBatch | None
     """The remaining rows, or None when every row decodes."""
 
@@ -101,18 +103,18 @@ def _paged(
     block_tables: torch.Tensor, starts: list[int], qlens: list[int], block_size: int, num_decode: int
 ) -> PagedBatch:
     contexts = [s + 1 for s in starts[:num_decode]]
-    longest = max(contexts, default=0)
-    j = torch.arange(longest)
-    decode_slots = block_tables[:num_decode, j // block_size] * block_size + j % block_size
+    blocks = -(-max(contexts, default=0) // block_size)
+    span = blocks * block_size
+    decode_blocks = block_tables[:num_decode, :blocks]
     decode_mask = None
-    if any(c != longest for c in contexts):
+    if any(c != span for c in contexts):
         ctx = torch.tensor(contexts, dtype=torch.long)
-        decode_mask = (j[None, :] < ctx[:, None]).view(num_decode, 1, 1, longest)
+        decode_mask = (torch.arange(span)[None, :] < ctx[:, None]).view(num_decode, 1, 1, span)
     prefill = None
     if num_decode < len(starts):
         rest = slice(num_decode, None)
         prefill = _padded(block_tables[rest], starts[rest], qlens[rest], block_size, first_token=num_decode)
-    return PagedBatch(num_decode, decode_slots, decode_mask, prefill)
+    return PagedBatch(num_decode, decode_blocks.contiguous(), decode_mask, prefill)
 
 
 def build_metadata(
@@ -153,7 +155,7 @@ def build_metadata(
         if prefill is not None:
             prefill = _move_padded(prefill, device)
         mask = None if paged.decode_mask is None else _to(paged.decode_mask, device)
-        paged = PagedBatch(num_decode, _to(paged.decode_slots, device), mask, prefill)
+        paged = PagedBatch(num_decode, _to(paged.decode_blocks, device), mask, prefill)
     return AttentionMetadata(
         kv_caches=kv_caches,
         block_size=block_size,

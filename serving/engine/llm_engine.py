@@ -13,8 +13,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from serving.config import ConfigError, DeploymentConfig
-from serving.engine.attention import attn_implementation_name
+from serving.engine.attention import attn_implementation_name, implementation_name
 from serving.engine.block_manager import BlockManager, kv_bytes_per_token, num_blocks_for_budget
+from serving.engine.llama import LeanLlama
 from serving.engine.model_runner import ModelRunner, kv_cache_layout, model_dtype
 from serving.engine.outputs import EngineStats, RequestOutput
 from serving.engine.sampling_params import SamplingParams
@@ -44,7 +45,7 @@ class LLMEngine:
         self.clock = clock
         self.max_model_len = config.model.max_model_len
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)  # type: ignore[operator]
-        _use_attention(model, attn_implementation_name(config.attention))
+        _use_attention(model, config)
         block_size = config.cache.block_size
         self.num_blocks = num_blocks if num_blocks is not None else self._blocks_from_budget(model)
         needed = -(-self.max_model_len // block_size)
@@ -90,7 +91,7 @@ class LLMEngine:
     def from_config(cls, config: DeploymentConfig) -> LLMEngine:
         """Load tokenizer and model as the config says, size the KV cache from its memory budget: one
         process. serving.engine.factory.build_engine picks this or a tensor/pipeline-parallel engine."""
-        from serving.engine.model_loader import load_model, load_tokenizer, resolve_device
+        from serving.engine.model_loader import load_engine_model, load_tokenizer, resolve_device
 
         if config.parallel.world_size > 1:
             raise ValueError(
@@ -100,7 +101,7 @@ class LLMEngine:
         set_torch_threads()
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(config.model)
-        model = load_model(config, attn_implementation_name(config.attention), device)
+        model = load_engine_model(config, device)
         engine = cls(config, model, eos_token_ids=eos_token_ids(model, tokenizer))
         engine.tokenizer = tokenizer
         return engine
@@ -222,10 +223,14 @@ def check_request(prompt_token_ids: Seq[int], max_model_len: int, vocab_size: in
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
-def _use_attention(model: torch.nn.Module, name: str) -> None:
-    """Point the model at our registered attention function when it was loaded with another one."""
+def _use_attention(model: torch.nn.Module, deployment: DeploymentConfig) -> None:
+    """Point the model at our attention function when it was loaded with another one (a transformers
+    model finds it registered under the name; the lean forward maps the name itself)."""
     config = getattr(model, "config", None)
+    name = implementation_name(deployment.attention)
     if config is not None and getattr(config, "_attn_implementation", None) != name:
+        if not isinstance(model, LeanLlama):
+            attn_implementation_name(deployment.attention)
         model.set_attn_implementation(name)  # type: ignore[operator]
 
 

@@ -14,28 +14,30 @@ process, device and dtype.
 
 from __future__ import annotations
 
-import math
+import json
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from serving.config import ConfigError, DeploymentConfig, DType, ModelConfig
+from serving.engine.dummy_weights import DUMMY_WEIGHT_GAIN, draw_dummy  # noqa: F401 (re-exported)
 from serving.engine.quantization import apply_quantization, check_parallel_quantization
 from serving.engine.weight_layout import relayout_linear_weights
 
 if TYPE_CHECKING:  # transformers is imported where used: the launcher resolves paths without it
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-DUMMY_WEIGHT_GAIN = 1.5
-"""Dummy matrices have std gain / sqrt(fan_in): large enough that greedy outputs vary from token to token."""
-
 TORCH_DTYPES: dict[DType, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+M = TypeVar("M", bound=nn.Module)
 
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
@@ -79,7 +81,9 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
     field = "model.tokenizer" if model.tokenizer else "model.path"
     directory = resolve_model_dir(model.tokenizer or model.path, field)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = _tokenizer_class(directory, AutoTokenizer).from_pretrained(
+            directory, local_files_only=True
+        )
     except (OSError, ValueError) as err:
         raise ConfigError(f"{field}={directory}: cannot load a tokenizer there: {err}") from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
@@ -90,8 +94,24 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def load_model(config: DeploymentConfig, attn_implementation: str, device: torch.device) -> PreTrainedModel:
-    """The causal LM in eval mode on `device`, in `precision.dtype`, quantised per precision.quantization."""
+def _tokenizer_class(directory: Path, auto: Any) -> Any:
+    """PreTrainedTokenizerFast itself when tokenizer_config.json names it: AutoTokenizer would first import
+    transformers' model registry (about 3 s of CPU of start-up here) to arrive at the same class."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = directory / "tokenizer_config.json"
+    named = json.loads(path.read_text()).get("tokenizer_class") if path.is_file() else None
+    return PreTrainedTokenizerFast if named == "PreTrainedTokenizerFast" else auto
+
+
+def load_model(
+    config: DeploymentConfig, attn_implementation: str, device: torch.device, *, lean: bool = False
+) -> PreTrainedModel:
+    """The causal LM in eval mode on `device`, in `precision.dtype`, quantised per precision.quantization.
+
+    lean=True: the engine's own forward (llama.py) when it supports the model and layout, else
+    transformers' (the reason is logged); tests load the transformers reference with lean=False.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_parallel_quantization(config)
@@ -111,10 +131,69 @@ def load_model(config: DeploymentConfig, attn_implementation: str, device: torch
     model.requires_grad_(False)
     model.eval()
     nn.Module.to(model, device=device)
+    if lean:
+        model = _lean(model, config)
+    return _finish(model, config, device)
+
+
+def load_engine_model(config: DeploymentConfig, device: torch.device) -> nn.Module:
+    """What the engine serves: the lean forward, built straight from the directory when it can (no
+    transformers model classes imported: seconds of start-up), else through load_model(lean=True)."""
+    from serving.engine.attention import attn_implementation_name, implementation_name
+    from serving.engine.llama_loader import load_lean_direct
+
+    check_parallel_quantization(config)
+    directory = resolve_model_dir(config.model.path)
+    hf = json.loads((directory / "config.json").read_text())
+    limit = hf.get("max_position_embeddings")
+    check_max_model_len(config.model, SimpleNamespace(max_position_embeddings=limit))  # type: ignore[arg-type]
+    model = load_lean_direct(config, directory, hf)
+    if model is None:
+        return load_model(config, attn_implementation_name(config.attention), device, lean=True)
+    model.set_attn_implementation(implementation_name(config.attention))
+    model.requires_grad_(False)
+    model.eval()
+    nn.Module.to(model, dtype=TORCH_DTYPES[config.precision.dtype])
+    nn.Module.to(model, device=device)
+    return _finish(model, config, device)
+
+
+def _finish(model: M, config: DeploymentConfig, device: torch.device) -> M:
+    """Quantise, lay the float32 weights out for decode, compile: the steps every loaded model takes."""
     model = apply_quantization(model, config.precision, device)
     if _relayout(config, device):
         relayout_linear_weights(model)
+    if config.model.compile == "compiled":
+        _compile(model, config)
     return model
+
+
+def _compile(model: nn.Module, config: DeploymentConfig) -> None:
+    """Compile the lean step now (compiled.py), so start-up, not the first request, pays for it."""
+    from serving.engine.compile_support import check_compile
+    from serving.engine.compiled import WARMUP_TOKENS
+    from serving.engine.llama import LeanLlama
+
+    check_compile(config)
+    if not isinstance(model, LeanLlama):
+        raise ConfigError(
+            f"model.compile='compiled' needs the engine's own Llama forward; {type(model).__name__} "
+            f"({config.model.path}) runs transformers' forward: use model.compile=eager"
+        )
+    model.compile(WARMUP_TOKENS)
+
+
+def _lean(model: PreTrainedModel, config: DeploymentConfig) -> PreTrainedModel:
+    from serving.engine.llama_loader import from_transformers, lean_problem
+
+    hf = model.config.to_dict()
+    hf["architectures"] = [type(model).__name__]
+    reason = lean_problem(hf)
+    if reason is not None:
+        logging.getLogger(__name__).info("transformers forward: %s", reason)
+        return model
+    lean: PreTrainedModel = from_transformers(model)  # type: ignore[assignment]
+    return lean
 
 
 def _relayout(config: DeploymentConfig, device: torch.device) -> bool:
@@ -149,17 +228,9 @@ def build_dummy_model(hf_config: PretrainedConfig, attn_implementation: str, see
     return model
 
 
-@torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Matrices ~ N(0, gain / sqrt(fan_in)), 1-D norm weights 1, biases 0, in parameter-name order."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if param.dim() >= 2:  # drawn in place: the model is float32 on the CPU here (build_dummy_model)
-            param.normal_(0.0, DUMMY_WEIGHT_GAIN / math.sqrt(param[0].numel()), generator=generator)
-        elif name.endswith("bias"):
-            param.zero_()
-        else:
-            param.fill_(1.0)
+    """dummy_weights.draw_dummy over the model's parameters (float32 on the CPU: build_dummy_model)."""
+    draw_dummy({name: param.detach() for name, param in model.named_parameters()}, seed)
 
 
 def check_max_model_len(model: ModelConfig, hf_config: PretrainedConfig) -> None:

@@ -17,11 +17,18 @@ def kv_cache_layout(model: torch.nn.Module) -> tuple[int, int, int]:
     """(layers, KV heads on this rank, head dim), read from the attention modules' shapes, not the config.
 
     A tensor-parallel rank holds only part of k_proj, so its head count is k_proj's outputs / head_dim.
+    The lean forward's attention modules (fused qkv) say their KV head count.
     """
-    layers: list[Any] = [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "layer_idx")]
+    layers: list[Any] = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and (hasattr(m, "k_proj") or hasattr(m, "num_kv_heads"))
+    ]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no attention modules with k_proj/layer_idx")
     head_dim = int(layers[0].head_dim)
+    if not hasattr(layers[0], "k_proj"):
+        return len(layers), int(layers[0].num_kv_heads), head_dim
     k_proj = layers[0].k_proj
     out_features = getattr(k_proj, "out_features", None)
     if not isinstance(out_features, int):

@@ -8,6 +8,7 @@ Fixtures other test files may use:
   start_server     a factory: start_server(**dotted_overrides) -> healthy ServerProcess (stopped after)
   one_torch_thread torch on one thread for a module (tiny model: OpenMP barriers would dominate)
   paged_tiny_model llama-tiny on CPU with the paged attention, one per module
+  engine_tiny_model the same under the lean forward and under transformers' (parametrised)
   fake_python      an executable stand-in for an engine's interpreter (backends check it exists)
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from serving.config import DeploymentConfig
 from serving.engine.attention import attn_implementation_name
-from serving.engine.model_loader import load_model
+from serving.engine.model_loader import load_engine_model, load_model
 from serving.launch import ServerProcess
 
 STARTUP_TIMEOUT_S = 120.0
@@ -76,6 +77,16 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def paged_tiny_model() -> torch.nn.Module:
     return load_model(tiny_deployment(device="cpu"), attn_implementation_name("paged"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module", params=["lean", "transformers"])
+def engine_tiny_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """llama-tiny under both forwards the engine runs: its own (llama.py, built without transformers as
+    the server builds it) and transformers'."""
+    config, device = tiny_deployment(device="cpu"), torch.device("cpu")
+    if request.param == "lean":
+        return load_engine_model(config, device)
+    return load_model(config, attn_implementation_name("paged"), device)
 
 
 @pytest.fixture

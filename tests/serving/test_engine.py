@@ -27,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(paged_tiny_model: torch.nn.Module) -> torch.nn.Module:
-    return paged_tiny_model
+def model(engine_tiny_model: torch.nn.Module) -> torch.nn.Module:
+    return engine_tiny_model
 
 
 @pytest.fixture(scope="module")

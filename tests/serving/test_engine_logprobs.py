@@ -82,9 +82,9 @@ def check(scored: list[TokenLogprob], ids: list[int], first: int, table: torch.T
     ids=["continuous", "chunked", "static", "request"],
 )
 def test_logprobs_match_a_plain_forward(
-    paged_tiny_model: torch.nn.Module, hf_model: torch.nn.Module, flat: dict[str, Any]
+    engine_tiny_model: torch.nn.Module, hf_model: torch.nn.Module, flat: dict[str, Any]
 ) -> None:
-    engine = engine_for(paged_tiny_model, **flat)
+    engine = engine_for(engine_tiny_model, **flat)
     check_run(engine, hf_model)
 
 
@@ -107,25 +107,25 @@ def check_run(engine: LLMEngine, hf_model: torch.nn.Module) -> None:
 
 
 def test_preempted_requests_report_prompt_logprobs_once(
-    paged_tiny_model: torch.nn.Module, hf_model: torch.nn.Module
+    engine_tiny_model: torch.nn.Module, hf_model: torch.nn.Module
 ) -> None:
     """Four blocks of eight tokens cannot hold all three requests (seven blocks) to their end."""
-    engine = engine_for(paged_tiny_model, num_blocks=4, **{"scheduler.policy": "continuous"})
+    engine = engine_for(engine_tiny_model, num_blocks=4, **{"scheduler.policy": "continuous"})
     check_run(engine, hf_model)
     assert engine.scheduler.num_preemptions > 0
 
 
-def test_no_logprobs_unless_asked(paged_tiny_model: torch.nn.Module) -> None:
-    engine = engine_for(paged_tiny_model)
+def test_no_logprobs_unless_asked(engine_tiny_model: torch.nn.Module) -> None:
+    engine = engine_for(engine_tiny_model)
     outs = run(engine, SamplingParams(max_tokens=3, temperature=0.8, seed=1))
     assert all(o.new_logprobs is None and o.prompt_logprobs is None for r in outs.values() for o in r)
 
 
 def test_sampled_token_logprob_is_of_the_raw_distribution(
-    paged_tiny_model: torch.nn.Module, hf_model: torch.nn.Module
+    engine_tiny_model: torch.nn.Module, hf_model: torch.nn.Module
 ) -> None:
     """At temperature 1.5 the reported logprobs are still the model's own (vLLM's raw_logprobs)."""
-    engine = engine_for(paged_tiny_model)
+    engine = engine_for(engine_tiny_model)
     params = SamplingParams(max_tokens=4, temperature=1.5, seed=7, ignore_eos=True, logprobs=0)
     for rid, outs in run(engine, params).items():
         prompt = PROMPTS[int(rid[1:])]

@@ -200,3 +200,24 @@ def test_attn_implementation_is_passed_through() -> None:
     assert reference.config._attn_implementation == "eager"
     assert torch.allclose(logits(model), logits(reference), atol=1e-5)
     assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_model_built_directly_equals_the_one_converted_from_transformers(dtype: str) -> None:
+    """Same dummy draws, same RoPE table: the engine's own build matches transformers' model exactly."""
+    from serving.engine.attention import attn_implementation_name
+    from serving.engine.llama import LeanLlama
+    from serving.engine.model_loader import load_engine_model
+
+    flat = {"model.path": "llama-tiny", "device": "cpu", "precision.dtype": dtype}
+    config = DeploymentConfig.from_flat(flat)
+    direct = load_engine_model(config, torch.device("cpu"))
+    converted = load_model(config, attn_implementation_name("paged"), torch.device("cpu"), lean=True)
+    assert isinstance(direct, LeanLlama) and isinstance(converted, LeanLlama)
+    a, b = direct.state_dict(), converted.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    if dtype == "float32":  # transformers' bfloat16 model rounds its inv_freq buffer to bfloat16 first
+        assert torch.equal(direct.model.cos, converted.model.cos)
+        assert torch.equal(direct.model.sin, converted.model.sin)

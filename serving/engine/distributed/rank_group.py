@@ -71,15 +71,22 @@ def rank_context(config: DeploymentConfig, rank: int, allreduce: str) -> RankCon
 
 def load_rank_model(config: DeploymentConfig, ctx: RankContext) -> RankModel:
     """The seeded model, sharded (tp > 1) or cut to this rank's stage (pp > 1); every rank runs this."""
-    from serving.engine.attention import attn_implementation_name
+    from serving.engine.distributed.lean_tp import shard_lean
     from serving.engine.distributed.pipeline import decoder_of, make_stage
     from serving.engine.distributed.tensor_parallel import shard_model
-    from serving.engine.model_loader import TORCH_DTYPES, load_model
+    from serving.engine.llama import LeanLlama
+    from serving.engine.model_loader import TORCH_DTYPES, load_engine_model
+    from serving.engine.weight_layout import relayout_linear_weights
 
-    model: torch.nn.Module = load_model(config, attn_implementation_name(config.attention), ctx.device)
+    model: torch.nn.Module = load_engine_model(config, ctx.device)
     num_blocks = replica_num_blocks(config, model)
     if config.parallel.tp > 1:
-        model = shard_model(model, config.parallel.tp, TORCH_DTYPES[config.precision.dtype])
+        if isinstance(model, LeanLlama):  # our forward shards itself; AutoTP knows transformers' only
+            model = shard_lean(model, ctx.rank, config.parallel.tp)
+            if ctx.device.type == "cpu" and config.precision.dtype == "float32":
+                relayout_linear_weights(model)
+        else:
+            model = shard_model(model, config.parallel.tp, TORCH_DTYPES[config.precision.dtype])
         return RankModel(model, num_blocks, 0, 0)
     num_layers = len(decoder_of(model).layers)
     start, _ = make_stage(model, ctx.rank, config.parallel.pp)
