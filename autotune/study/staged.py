@@ -31,7 +31,7 @@ from serving.config import DeploymentConfig
 
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layout", ("parallel.",)),
-    ("precision", ("precision.",)),
+    ("precision", ("precision.", "model.compile")),
     (
         "batch limits",
         ("scheduler.max_num_seqs", "scheduler.max_num_batched_tokens", "scheduler.chunked_prefill", "cache."),

@@ -56,7 +56,7 @@ def asked(study: optuna.Study, count: int) -> list[dict[str, Any]]:
 def test_the_stages_follow_layout_precision_batch_limits_scheduler() -> None:
     assert [stage_of(d.name) for d in SPACE.dimensions] == [
         *["layout"] * 3,
-        *["precision"] * 2,
+        *["precision"] * 3,  # dtype, quantization, compiled execution
         "scheduler",  # attention
         "scheduler",  # policy
         "batch limits",  # max_num_seqs
