@@ -54,7 +54,8 @@ def git_commit() -> str:
 
 
 def load_done(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """The metadata line and the points already measured, by config key."""
+    """The metadata line and the points already measured, by config key (a later line of the same
+    point, from `--retry-failed`, replaces the earlier one)."""
     if not path.exists():
         return None, {}
     meta, points = None, {}
@@ -82,6 +83,12 @@ def main() -> int:
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/grid_runs"), help="trial directories")
     parser.add_argument("--seed", type=int, default=0, help="the measurement order's shuffle")
     parser.add_argument("--limit", type=int, default=None, help="measure at most this many new points")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="measure FAIL points again (e.g. a start-up that failed for a reason outside the deployment); "
+        "the new line is appended and supersedes the old one",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides after the fidelity's")
     args = parser.parse_args()
 
@@ -99,6 +106,8 @@ def main() -> int:
         [f"--out={args.out}", f"--seed={args.seed}", *args.overrides]
     )
     meta, done = load_done(args.out)
+    if args.retry_failed:
+        done = {key: row for key, row in done.items() if row["state"] != "FAIL"}
     if meta is None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         append(

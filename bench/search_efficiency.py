@@ -1,0 +1,179 @@
+"""How many trials does each sampler need to find the front? Replayed against a measured grid.
+
+    python bench/search_efficiency.py --grid bench/results/grid_chat.jsonl \
+        --rates bench/results/grid_chat_rates.json --out bench/results/search_efficiency.json
+
+For every sampler (NSGA-II, TPE, GP, random, the staged search, and the warm start in front of TPE and
+NSGA-II) and seed, bench/replay.py replays a study of `--budgets` trials against the grid; the table is
+the feasible hypervolume of what it measured as a share of the whole grid's (the true front's), median
+and range over seeds. The warm start's estimate (autotune/trial/estimate.py) is also compared with the
+grid's measurements: Spearman's rank correlation per objective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.replay import (  # noqa: E402
+    Point,
+    hypervolume,
+    hypervolume_curve,
+    load_grid,
+    point_key,
+    reference_point,
+    replay,
+    with_sampler,
+)
+
+SAMPLERS = ("random", "nsga2", "tpe", "gp", "staged", "warm+tpe", "warm+nsga2")
+"""`warm+X`: study.warm_start=W in front of sampler X."""
+
+
+def spearman(estimated: list[float], measured: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(estimated, measured).statistic)
+
+
+def estimate_table(
+    ctx: Any, rates: Any, grid: dict[str, Point]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The warm ranking of the grid space and the estimate's Spearman correlation with the grid."""
+    from autotune.study.warm_start import shape_of, study_ranking
+    from autotune.trial.estimate import estimate
+
+    shape = shape_of(ctx.traffic)
+    names = list(ctx.objectives.names)
+    pairs: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for point in grid.values():
+        if point.state != "COMPLETE" or point.values is None:
+            continue
+        config = ctx.space.deployment(ctx.base, point.params)
+        est = estimate(config, ctx.geometry, rates, ctx.devices, shape, ctx.settings.planner)
+        predicted = (est.capacity_rps_per_device, est.ttft_ms, est.memory_mb)
+        for name, guess, value in zip(names, predicted, point.values, strict=True):
+            if math.isfinite(guess):
+                pairs[name][0].append(guess)
+                pairs[name][1].append(value)
+    correlation = {
+        name: {"spearman": spearman(*pair), "points": len(pair[0])} for name, pair in pairs.items()
+    }
+    ranked = [{"params": p, "estimate": vars(e)} for p, e in study_ranking(ctx, rates)]
+    return ranked, correlation
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", type=Path, required=True)
+    parser.add_argument(
+        "--rates", type=Path, required=True, help="MachineRates JSON (measure with --measure)"
+    )
+    parser.add_argument("--measure-rates", action="store_true", help="measure the rates now into --rates")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[10, 18, 20, 40])
+    parser.add_argument("--warm", type=int, default=6, help="study.warm_start of the warm+X rows")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
+    args = parser.parse_args()
+
+    from autotune.config.compose import load_run, parse_args
+    from autotune.study.context import build_context
+    from autotune.study.warm_start import warm_points
+    from autotune.trial.rates import MachineRates, measure_rates
+
+    meta, grid = load_grid(args.grid)
+    _cfg, settings = load_run(parse_args(["conf=chat", *meta["overrides"]]))
+    ctx = build_context(settings)
+    if args.measure_rates:
+        measure_rates([1, ctx.devices.count]).save(args.rates)
+    rates = MachineRates.load(args.rates)
+    missing = [p for p in ctx.space.enumerate() if point_key(p) not in grid]
+    if missing:
+        print(f"{len(missing)} grid points not measured yet, e.g. {missing[0]}")
+        return 2
+
+    directions = ctx.objectives.directions
+    points = list(grid.values())
+    reference = reference_point(points, directions)
+    full = hypervolume(points, directions, reference)
+    measured = [p for p in points if p.state != "PRUNED"]
+    ranked, correlation = estimate_table(ctx, rates, grid)
+    warm = warm_points([r["params"] for r in ranked], args.warm, ctx.space.seeds)
+
+    runs: dict[str, dict[str, list[float]]] = {}
+    timing: dict[str, float] = {}
+    for name in args.samplers:
+        started = time.monotonic()
+        base = name.removeprefix("warm+")
+        runs[name] = {str(n): [] for n in args.budgets}
+        for seed in range(args.seeds):
+            # the staged search splits its budget by n_trials: one study per budget; others: one to the max
+            budgets = args.budgets if base == "staged" else [max(args.budgets)]
+            for budget in budgets:
+                study_settings = with_sampler(settings.study, base, seed, budget)
+                trail = replay(
+                    grid,
+                    ctx.space,
+                    ctx.objectives,
+                    study_settings,
+                    settings.export,
+                    warm=warm if name.startswith("warm+") else (),
+                )
+                wanted = [budget] if base == "staged" else args.budgets
+                for n, hv in hypervolume_curve(trail, directions, reference, wanted).items():
+                    runs[name][str(n)].append(hv / full)
+        timing[name] = time.monotonic() - started
+        print(f"{name}: {summary_row(runs[name], args.budgets)} ({timing[name]:.0f} s)", flush=True)
+
+    front = [p for p in points if p.feasible]
+    result = {
+        "grid": str(args.grid),
+        "grid_meta": meta,
+        "grid_points": len(points),
+        "measured_points": len(measured),
+        "feasible_points": len(front),
+        "reference_point": reference.tolist(),
+        "full_hypervolume": full,
+        "rates": vars(rates),
+        "warm_start": args.warm,
+        "warm_points": warm,
+        "seeds": args.seeds,
+        "budgets": args.budgets,
+        "hypervolume_ratio": runs,
+        "replay_seconds": timing,
+        "spearman": correlation,
+        "ranking": ranked,
+    }
+    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(markdown(runs, args.budgets, len(measured)))
+    print(json.dumps(correlation, indent=1))
+    return 0
+
+
+def summary_row(ratios: dict[str, list[float]], budgets: list[int]) -> str:
+    cells = []
+    for n in budgets:
+        values = ratios[str(n)]
+        cells.append(f"{statistics.median(values):.1%} [{min(values):.0%}-{max(values):.0%}]")
+    return " | ".join(cells)
+
+
+def markdown(runs: dict[str, dict[str, list[float]]], budgets: list[int], measured: int) -> str:
+    head = "| sampler | " + " | ".join(f"{n} trials ({n / measured:.0%})" for n in budgets) + " |"
+    rule = "|---|" + "---|" * len(budgets)
+    rows = [f"| {name} | {summary_row(ratios, budgets)} |" for name, ratios in runs.items()]
+    return "\n".join([head, rule, *rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
