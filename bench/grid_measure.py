@@ -53,6 +53,10 @@ def git_commit() -> str:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 def load_done(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """The metadata line and the points already measured, by config key (a later line of the same
     point, from `--retry-failed`, replaces the earlier one)."""
@@ -65,7 +69,7 @@ def load_done(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, An
         row = json.loads(line)
         if row.get("kind") == "meta":
             meta = row
-        else:
+        elif row.get("kind") == "point":
             points[row["config_key"]] = row
     return meta, points
 
@@ -103,7 +107,12 @@ def main() -> int:
     _cfg, settings = load_run(parse_args(["conf=chat", *overrides]))
     ctx = build_context(settings)
     command = "python bench/grid_measure.py " + shlex.join(
-        [f"--out={args.out}", f"--seed={args.seed}", *args.overrides]
+        [
+            f"--out={args.out}",
+            f"--seed={args.seed}",
+            *(["--retry-failed"] if args.retry_failed else []),
+            *args.overrides,
+        ]
     )
     meta, done = load_done(args.out)
     if args.retry_failed:
@@ -115,7 +124,7 @@ def main() -> int:
             {
                 "kind": "meta",
                 "machine": machine(),
-                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "date": now(),
                 "commit": git_commit(),
                 "command": command,
                 "overrides": overrides,
@@ -128,6 +137,17 @@ def main() -> int:
     elif meta["overrides"] != overrides:
         print(f"{args.out}: measured with {meta['overrides']}, not {overrides}; use another --out")
         return 2
+    else:  # a resumed run says when, from which commit and under what load
+        append(
+            args.out,
+            {
+                "kind": "resume",
+                "date": now(),
+                "commit": git_commit(),
+                "command": command,
+                "load_avg_1_5_15": list(os.getloadavg()),
+            },
+        )
 
     points = list(ctx.space.enumerate())
     random.Random(args.seed).shuffle(points)
@@ -185,7 +205,7 @@ def measure(ctx: Any, config: Any, pool: Any, stop: Any, trial_dir: Path) -> dic
         "load_avg_before": load_before,
         "load_avg_after": list(os.getloadavg()),
         "duration_s": outcome.duration_s,
-        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "finished_at": now(),
         "metrics": outcome.metrics,
     }
     if outcome.ok:
