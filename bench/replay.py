@@ -26,13 +26,19 @@ from autotune.config.settings import ExportSettings, StudySettings
 from autotune.report import results as R
 from autotune.report.objectives import Objectives
 from autotune.space.search_space import SearchSpace
+from autotune.study.loop import config_key
 from autotune.study.samplers import make_sampler
 from autotune.study.staged import policy_pick
+from serving.config import ConfigError, DeploymentConfig
 
 
-def point_key(params: Mapping[str, Any]) -> str:
-    """One grid point's identity: its active params, sorted."""
-    return json.dumps(dict(sorted(params.items())), sort_keys=True, default=str)
+def grid_key(space: SearchSpace, base: DeploymentConfig, params: Mapping[str, Any]) -> str:
+    """A grid point's identity as bench/grid_measure.py wrote it: the study loop's key of the deployment
+    (so two params that launch the same deployment are one point), or the params of an invalid one."""
+    try:
+        return config_key(space.deployment(base, params))
+    except ConfigError:
+        return json.dumps(dict(params), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,9 @@ def load_grid(path: Path) -> tuple[dict[str, Any], dict[str, Point]]:
         row = json.loads(line)
         if row.get("kind") == "meta":
             meta = row
+        if row.get("kind") != "point":
             continue
-        points[point_key(row["params"])] = Point(
+        points[row["config_key"]] = Point(
             params=row["params"],
             state=row["state"],
             values=tuple(row["values"]) if row.get("values") else None,
@@ -71,6 +78,22 @@ def load_grid(path: Path) -> tuple[dict[str, Any], dict[str, Point]]:
             reason=row.get("reason"),
         )
     return meta, points
+
+
+def grid_points(
+    space: SearchSpace, base: DeploymentConfig, rows: Mapping[str, Point]
+) -> tuple[dict[str, Point], list[dict[str, Any]]]:
+    """The rows of the space's grid points by key (rows of other points left out), and the points the
+    file lacks."""
+    points: dict[str, Point] = {}
+    missing: list[dict[str, Any]] = []
+    for params in space.enumerate():
+        key = grid_key(space, base, params)
+        if key in rows:
+            points[key] = rows[key]
+        else:
+            missing.append(params)
+    return points, missing
 
 
 def losses(points: Sequence[Point], directions: Sequence[str]) -> np.ndarray:
@@ -97,6 +120,7 @@ def hypervolume(points: Sequence[Point], directions: Sequence[str], reference: n
 def replay(
     grid: Mapping[str, Point],
     space: SearchSpace,
+    base: DeploymentConfig,
     objectives: Objectives,
     settings: StudySettings,
     export: ExportSettings,
@@ -119,7 +143,7 @@ def replay(
         if len(measured) >= settings.n_trials or idle >= settings.max_repeats:
             break
         trial = study.ask()
-        key = point_key(space.active_params(space.suggest(trial)))
+        key = grid_key(space, base, space.active_params(space.suggest(trial)))
         if key not in grid:
             raise KeyError(f"sampled {key}, which is not a grid point: is the grid file complete?")
         point = grid[key]

@@ -26,10 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.replay import (  # noqa: E402
     Point,
+    grid_key,
+    grid_points,
     hypervolume,
     hypervolume_curve,
     load_grid,
-    point_key,
     reference_point,
     replay,
     with_sampler,
@@ -84,6 +85,11 @@ def main() -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 18, 20, 40])
     parser.add_argument("--warm", type=int, default=6, help="study.warm_start of the warm+X rows")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="treat unmeasured points as pruned: checks the pipeline, no result",
+    )
     args = parser.parse_args()
 
     from autotune.config.compose import load_run, parse_args
@@ -91,14 +97,18 @@ def main() -> int:
     from autotune.study.warm_start import warm_points
     from autotune.trial.rates import MachineRates, measure_rates
 
-    meta, grid = load_grid(args.grid)
+    meta, rows = load_grid(args.grid)
     _cfg, settings = load_run(parse_args(["conf=chat", *meta["overrides"]]))
     ctx = build_context(settings)
     if args.measure_rates:
         measure_rates([1, ctx.devices.count]).save(args.rates)
     rates = MachineRates.load(args.rates)
-    missing = [p for p in ctx.space.enumerate() if point_key(p) not in grid]
-    if missing:
+    grid, missing = grid_points(ctx.space, ctx.base, rows)
+    if missing and args.dry_run:
+        print(f"DRY RUN: {len(missing)} unmeasured points treated as pruned; these numbers are no result")
+        for params in missing:
+            grid[grid_key(ctx.space, ctx.base, params)] = Point(params, "PRUNED", reason="dry run")
+    elif missing:
         print(f"{len(missing)} grid points not measured yet, e.g. {missing[0]}")
         return 2
 
@@ -124,6 +134,7 @@ def main() -> int:
                 trail = replay(
                     grid,
                     ctx.space,
+                    ctx.base,
                     ctx.objectives,
                     study_settings,
                     settings.export,
