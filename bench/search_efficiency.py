@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,9 @@ from bench.replay import (  # noqa: E402
     with_sampler,
 )
 
-SAMPLERS = ("random", "nsga2", "tpe", "gp", "staged", "warm+tpe", "warm+nsga2")
-"""`warm+X`: study.warm_start=W in front of sampler X."""
+SAMPLERS = ("random", "nsga2", "tpe", "gp", "staged", "warm+tpe", "warm+nsga2", "ranked")
+"""`warm+X`: study.warm_start=W in front of sampler X; `ranked`: the estimate's order alone (the warm start
+as long as the budget; no sampler, so every seed measures the same points)."""
 
 
 def spearman(estimated: list[float], measured: list[float]) -> float:
@@ -73,6 +76,45 @@ def estimate_table(
     return ranked, correlation
 
 
+@dataclass(frozen=True)
+class Job:
+    """What every replay shares (handed to forked workers as a global)."""
+
+    grid: dict[str, Point]
+    ctx: Any
+    settings: Any
+    reference: Any
+    full: float
+    warm: list[dict[str, Any]]
+    ranked: list[dict[str, Any]]
+    budgets: list[int]
+
+
+JOB: Job | None = None
+
+
+def replay_one(task: tuple[str, int]) -> tuple[str, int, dict[int, float], float]:
+    """One sampler and seed: hypervolume ratio at each budget. The staged search splits its budget by
+    n_trials, so it runs one study per budget; the others one study to the largest budget."""
+    name, seed = task
+    job = JOB
+    assert job is not None, "replay_one runs in workers forked after JOB is set"
+    started = time.monotonic()
+    base = "random" if name == "ranked" else name.removeprefix("warm+")
+    queue = job.warm if name.startswith("warm+") else job.ranked if name == "ranked" else []
+    directions = job.ctx.objectives.directions
+    ratios: dict[int, float] = {}
+    for budget in job.budgets if base == "staged" else [max(job.budgets)]:
+        study = with_sampler(job.settings.study, base, seed, budget)
+        trail = replay(
+            job.grid, job.ctx.space, job.ctx.base, job.ctx.objectives, study, job.settings.export, warm=queue
+        )
+        wanted = [budget] if base == "staged" else job.budgets
+        for n, hv in hypervolume_curve(trail, directions, job.reference, wanted).items():
+            ratios[n] = hv / job.full
+    return name, seed, ratios, time.monotonic() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", type=Path, required=True)
@@ -85,6 +127,7 @@ def main() -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 18, 20, 40])
     parser.add_argument("--warm", type=int, default=6, help="study.warm_start of the warm+X rows")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
+    parser.add_argument("--jobs", type=int, default=2, help="replays at once (worker processes)")
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -119,31 +162,21 @@ def main() -> int:
     measured = [p for p in points if p.state != "PRUNED"]
     ranked, correlation = estimate_table(ctx, rates, grid)
     warm = warm_points([r["params"] for r in ranked], args.warm, ctx.space.seeds)
+    ranked_all = warm_points([r["params"] for r in ranked], max(args.budgets), ctx.space.seeds)
 
-    runs: dict[str, dict[str, list[float]]] = {}
-    timing: dict[str, float] = {}
+    global JOB
+    JOB = Job(grid, ctx, settings, reference, full, warm, ranked_all, args.budgets)
+    tasks = [(name, seed) for name in args.samplers for seed in range(args.seeds)]
+    tasks.sort(key=lambda t: t[0] != "gp")  # the slowest first, so the workers finish together
+    runs: dict[str, dict[str, list[float]]] = {n: {str(b): [] for b in args.budgets} for n in args.samplers}
+    timing: dict[str, float] = dict.fromkeys(args.samplers, 0.0)
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        for name, _seed, ratios, seconds in pool.imap_unordered(replay_one, tasks):
+            timing[name] += seconds
+            for n, ratio in ratios.items():
+                runs[name][str(n)].append(ratio)
+    runs = {name: runs[name] for name in args.samplers}
     for name in args.samplers:
-        started = time.monotonic()
-        base = name.removeprefix("warm+")
-        runs[name] = {str(n): [] for n in args.budgets}
-        for seed in range(args.seeds):
-            # the staged search splits its budget by n_trials: one study per budget; others: one to the max
-            budgets = args.budgets if base == "staged" else [max(args.budgets)]
-            for budget in budgets:
-                study_settings = with_sampler(settings.study, base, seed, budget)
-                trail = replay(
-                    grid,
-                    ctx.space,
-                    ctx.base,
-                    ctx.objectives,
-                    study_settings,
-                    settings.export,
-                    warm=warm if name.startswith("warm+") else (),
-                )
-                wanted = [budget] if base == "staged" else args.budgets
-                for n, hv in hypervolume_curve(trail, directions, reference, wanted).items():
-                    runs[name][str(n)].append(hv / full)
-        timing[name] = time.monotonic() - started
         print(f"{name}: {summary_row(runs[name], args.budgets)} ({timing[name]:.0f} s)", flush=True)
 
     front = [p for p in points if p.feasible]
