@@ -21,7 +21,7 @@ from optuna.study._multi_objective import _fast_non_domination_rank
 from autotune.space.search_space import SearchSpace
 from autotune.study.staged import anchor
 from autotune.trial.estimate import Estimate, Shape, estimate
-from autotune.trial.rates import MachineRates, rates_for_study
+from autotune.trial.rates import MachineRates, NoRate, rates_for_study
 from serving.config import ConfigError, DeploymentConfig
 
 if TYPE_CHECKING:
@@ -66,23 +66,41 @@ def rank(
             config = space.deployment(base, params)
         except ConfigError:
             continue
-        if check(config) is None:
+        if check(config) is not None:
+            continue
+        try:
             scored.append((params, estimator(config)))
+        except NoRate:  # its format did not run in the measurement: not a warm-start candidate
+            continue
     return order(scored)
 
 
 def order(scored: Sequence[tuple[dict[str, Any], Estimate]]) -> list[tuple[dict[str, Any], Estimate]]:
-    """Predicted to carry the nominal rate first, then by predicted Pareto rank, then capacity."""
+    """Predicted to carry the nominal rate first, then by predicted Pareto rank; within a rank one
+    candidate per layout and precision in turn (highest predicted capacity first), so a short warm start
+    spreads over the choices the estimate is least sure about instead of N near-copies of one."""
     if not scored:
         return []
     losses = np.array([[-e.capacity_rps_per_device, _finite(e.ttft_ms), e.memory_mb] for _, e in scored])
     carried = np.array([e.carries_nominal for _, e in scored])
     ranks = _fast_non_domination_rank(losses, penalty=np.where(carried, 0.0, 1.0))
-    keyed = sorted(
+    by_capacity = sorted(
         range(len(scored)),
         key=lambda i: (not carried[i], int(ranks[i]), -scored[i][1].capacity_rps_per_device, i),
     )
+    turn: dict[tuple[Any, ...], int] = {}
+    position: dict[int, tuple[bool, int, int]] = {}
+    for i in by_capacity:
+        group = (not carried[i], int(ranks[i]), _family(scored[i][0]))
+        turn[group] = turn.get(group, -1) + 1
+        position[i] = (bool(not carried[i]), int(ranks[i]), turn[group])
+    keyed = sorted(by_capacity, key=lambda i: position[i])  # stable: capacity order within a turn
     return [scored[i] for i in keyed]
+
+
+def _family(params: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Layout and precision: what a round-robin within one predicted rank spreads over."""
+    return tuple(v for k, v in sorted(params.items()) if k.startswith(("parallel.", "precision.")))
 
 
 def _finite(value: float) -> float:

@@ -10,7 +10,8 @@ From it:
   (no overlap assumed), dp replicas each serve their share of the traffic;
 - capacity: the largest batch within `max_num_seqs` whose step meets the TPOT SLO, b requests per
   (output tokens x step + b prefills); request-level scheduling is batch 1; per device = / world size;
-- TTFT at the nominal rate: a prefill plus a step, stretched by 1 / (1 - utilisation);
+- TTFT at the nominal rate: a prefill plus a step (static batching: the batch wait plus half a running
+  batch), stretched by 1 / (1 - utilisation);
 - memory: the planner's need (weights and KV of every replica plus a process overhead per rank).
 
 Absolute numbers are rough (the engine's Python, the scheduler and the client are not modelled); what
@@ -124,6 +125,9 @@ def estimate(
             best_rate, best_step = rate, step
     capacity = best_rate * parallel.dp
     utilisation = shape.nominal_rps / capacity if capacity > 0 else float("inf")
-    ttft = (prefill + best_step) / (1 - utilisation) if utilisation < 1 else float("inf")
+    wait = best_step
+    if config.scheduler.policy == "static":  # a new request waits for the running batch to finish
+        wait = config.scheduler.batch_wait_ms / 1000 + shape.output_tokens * best_step / 2
+    ttft = (prefill + wait) / (1 - utilisation) if utilisation < 1 else float("inf")
     memory = plan_memory(config, geometry, devices, planner).need_bytes
     return Estimate(capacity, capacity / world, ttft * 1000, memory / 2**20)

@@ -20,6 +20,10 @@ KINDS = ("float32", "bfloat16", "float16", "int8_dynamic", "int8_weight_only")
 """Weight formats the CPU engine runs: a dtype, or a quantisation (its GEMM in float32 activations)."""
 
 
+class NoRate(KeyError):
+    """A weight format whose GEMM did not run in the measurement: no estimate for its deployments."""
+
+
 @dataclass(frozen=True)
 class MachineRates:
     """Measured ceilings, keyed by thread count (as a string, so the JSON round-trips)."""
@@ -36,7 +40,7 @@ class MachineRates:
 
     def gemm(self, kind: str, threads: int) -> float:
         if kind not in self.gemm_gflops:
-            raise KeyError(f"no GEMM rate measured for {kind!r}; measured {sorted(self.gemm_gflops)}")
+            raise NoRate(f"no GEMM rate measured for {kind!r}; measured {sorted(self.gemm_gflops)}")
         return _nearest(self.gemm_gflops[kind], threads) * 1e9
 
     def save(self, path: Path) -> None:

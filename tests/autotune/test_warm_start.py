@@ -63,6 +63,16 @@ def test_order_puts_carried_first_then_pareto_rank_then_capacity() -> None:
     assert [p["id"] for p, _ in order(scored)] == ["fast", "lean", "dominated", "cannot carry"]
 
 
+def test_within_a_rank_each_layout_and_precision_takes_a_turn() -> None:
+    scored = [
+        ({"parallel.dp": 1, "cache.kv_cache_memory_gb": 0.25}, est(5.0, 100.0, 1000.0)),
+        ({"parallel.dp": 1, "cache.kv_cache_memory_gb": 1.0}, est(5.0, 90.0, 2000.0)),
+        ({"parallel.dp": 2, "cache.kv_cache_memory_gb": 0.25}, est(4.0, 80.0, 3000.0)),
+    ]
+    ordered = [(p["parallel.dp"], p["cache.kv_cache_memory_gb"]) for p, _ in order(scored)]
+    assert ordered == [(1, 0.25), (2, 0.25), (1, 1.0)]
+
+
 def test_rank_covers_the_modeled_knobs_anchors_the_rest_and_skips_refused(tmp_path: Path) -> None:
     space = parse_space(
         {
