@@ -66,7 +66,9 @@ def estimate_table(
         est = estimate(config, ctx.geometry, rates, ctx.devices, shape, ctx.settings.planner)
         predicted = (est.capacity_rps_per_device, est.ttft_ms, est.memory_mb)
         for name, guess, value in zip(names, predicted, point.values, strict=True):
-            if math.isfinite(guess):
+            # latency at the nominal rate means something only where that step was carried: a step
+            # abandoned early reports p99 TTFT 0 (no request got its first token in time)
+            if math.isfinite(guess) and (name != "p99_ttft_ms" or point.feasible):
                 pairs[name][0].append(guess)
                 pairs[name][1].append(value)
     correlation = {
