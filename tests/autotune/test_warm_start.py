@@ -128,3 +128,14 @@ def test_the_loop_enqueues_the_warm_points_after_the_seeds(
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     queued = [t.system_attrs["fixed_params"] for t in waiting]
     assert queued == [{"scheduler.policy": "request"}, {"scheduler.policy": "continuous"}]
+
+
+def test_rates_are_measured_once_per_study_and_a_missing_format_has_none(tmp_path: Path) -> None:
+    from autotune.trial.rates import NoRate, rates_for_study
+
+    path = tmp_path / "machine_rates.json"
+    first = rates_for_study(path, [1])
+    assert first.bandwidth(1) > 0 and first.gemm("float32", 1) > 0
+    assert rates_for_study(path, [1]) == first  # read back, not measured again
+    with pytest.raises(NoRate, match="int4"):
+        first.gemm("int4_weight_only", 1)
