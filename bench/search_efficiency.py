@@ -98,6 +98,9 @@ JOB: Job | None = None
 def replay_one(task: tuple[str, int]) -> tuple[str, int, dict[int, float], float]:
     """One sampler and seed: hypervolume ratio at each budget. The staged search splits its budget by
     n_trials, so it runs one study per budget; the others one study to the largest budget."""
+    import torch
+
+    torch.set_num_threads(1)  # GP's model fit: one thread per worker, the workers share the cores
     name, seed = task
     job = JOB
     assert job is not None, "replay_one runs in workers forked after JOB is set"
@@ -131,9 +134,10 @@ def main() -> int:
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
     parser.add_argument("--jobs", type=int, default=2, help="replays at once (worker processes)")
     parser.add_argument(
-        "--dry-run",
+        "--missing-as-pruned",
         action="store_true",
-        help="treat unmeasured points as pruned: checks the pipeline, no result",
+        help="points the grid file lacks count as pruned (the replay space is then the measured points); "
+        "the output lists them",
     )
     args = parser.parse_args()
 
@@ -149,10 +153,10 @@ def main() -> int:
         measure_rates([1, ctx.devices.count]).save(args.rates)
     rates = MachineRates.load(args.rates)
     grid, missing = grid_points(ctx.space, ctx.base, rows)
-    if missing and args.dry_run:
-        print(f"DRY RUN: {len(missing)} unmeasured points treated as pruned; these numbers are no result")
+    if missing and args.missing_as_pruned:
+        print(f"{len(missing)} unmeasured grid points count as pruned: the replay space is the measured ones")
         for params in missing:
-            grid[grid_key(ctx.space, ctx.base, params)] = Point(params, "PRUNED", reason="dry run")
+            grid[grid_key(ctx.space, ctx.base, params)] = Point(params, "PRUNED", reason="not measured")
     elif missing:
         print(f"{len(missing)} grid points not measured yet, e.g. {missing[0]}")
         return 2
@@ -186,6 +190,7 @@ def main() -> int:
         "grid": str(args.grid),
         "grid_meta": meta,
         "grid_points": len(points),
+        "unmeasured_points": missing,
         "measured_points": len(measured),
         "feasible_points": len(front),
         "reference_point": reference.tolist(),
