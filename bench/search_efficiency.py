@@ -33,6 +33,7 @@ from bench.replay import (  # noqa: E402
     hypervolume,
     hypervolume_curve,
     load_grid,
+    losses,
     reference_point,
     replay,
     with_sampler,
@@ -185,14 +186,16 @@ def main() -> int:
     for name in args.samplers:
         print(f"{name}: {summary_row(runs[name], args.budgets)} ({timing[name]:.0f} s)", flush=True)
 
-    front = [p for p in points if p.feasible]
+    feasible = [p for p in points if p.feasible]
+    front = pareto_front(feasible, directions)
     result = {
         "grid": str(args.grid),
         "grid_meta": meta,
         "grid_points": len(points),
         "unmeasured_points": missing,
         "measured_points": len(measured),
-        "feasible_points": len(front),
+        "feasible_points": len(feasible),
+        "front": [{"params": p.params, "values": p.values} for p in front],
         "reference_point": reference.tolist(),
         "full_hypervolume": full,
         "rates": vars(rates),
@@ -207,8 +210,30 @@ def main() -> int:
     }
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(markdown(runs, args.budgets, len(measured)))
+    print(front_table(front, ctx.objectives.names))
     print(json.dumps(correlation, indent=1))
     return 0
+
+
+def pareto_front(feasible: list[Point], directions: list[str]) -> list[Point]:
+    """The true front: the feasible grid points no other feasible point dominates (Optuna's sort)."""
+    from optuna.study._multi_objective import _fast_non_domination_rank
+
+    if not feasible:
+        return []
+    ranks = _fast_non_domination_rank(losses(feasible, directions))
+    front = [p for p, r in zip(feasible, ranks, strict=True) if r == 0]
+    return sorted(front, key=lambda p: -(p.values or (0.0,))[0])
+
+
+def front_table(front: list[Point], names: list[str]) -> str:
+    head = "| deployment | " + " | ".join(names) + " |"
+    rule = "|---|" + "---:|" * len(names)
+    rows = []
+    for p in front:
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p.params.items())
+        rows.append(f"| {label} | " + " | ".join(f"{v:.4g}" for v in p.values or ()) + " |")
+    return "\n".join([head, rule, *rows])
 
 
 def summary_row(ratios: dict[str, list[float]], budgets: list[int]) -> str:
