@@ -96,7 +96,7 @@ class Job:
 JOB: Job | None = None
 
 
-def replay_one(task: tuple[str, int]) -> tuple[str, int, dict[int, float], float]:
+def replay_one(task: tuple[str, int]) -> tuple[str, int, dict[int, float], float, int]:
     """One sampler and seed: hypervolume ratio at each budget. The staged search splits its budget by
     n_trials, so it runs one study per budget; the others one study to the largest budget."""
     import torch
@@ -110,15 +110,17 @@ def replay_one(task: tuple[str, int]) -> tuple[str, int, dict[int, float], float
     queue = job.warm if name.startswith("warm+") else job.ranked if name == "ranked" else []
     directions = job.ctx.objectives.directions
     ratios: dict[int, float] = {}
+    launched = 0
     for budget in job.budgets if base == "staged" else [max(job.budgets)]:
         study = with_sampler(job.settings.study, base, seed, budget)
         trail = replay(
             job.grid, job.ctx.space, job.ctx.base, job.ctx.objectives, study, job.settings.export, warm=queue
         )
+        launched = len(trail)  # of the largest budget: fewer when the study stopped on repeats
         wanted = [budget] if base == "staged" else job.budgets
         for n, hv in hypervolume_curve(trail, directions, job.reference, wanted).items():
             ratios[n] = hv / job.full
-    return name, seed, ratios, time.monotonic() - started
+    return name, seed, ratios, time.monotonic() - started, launched
 
 
 def main() -> int:
@@ -177,9 +179,11 @@ def main() -> int:
     tasks.sort(key=lambda t: t[0] != "gp")  # the slowest first, so the workers finish together
     runs: dict[str, dict[str, list[float]]] = {n: {str(b): [] for b in args.budgets} for n in args.samplers}
     timing: dict[str, float] = dict.fromkeys(args.samplers, 0.0)
+    lengths: dict[str, list[int]] = {}
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        for name, _seed, ratios, seconds in pool.imap_unordered(replay_one, tasks):
+        for name, _seed, ratios, seconds, launched in pool.imap_unordered(replay_one, tasks):
             timing[name] += seconds
+            lengths.setdefault(name, []).append(launched)
             for n, ratio in ratios.items():
                 runs[name][str(n)].append(ratio)
     runs = {name: runs[name] for name in args.samplers}
@@ -205,13 +209,21 @@ def main() -> int:
         "budgets": args.budgets,
         "hypervolume_ratio": runs,
         "replay_seconds": timing,
+        "measured_at_largest_budget": lengths,
         "spearman": correlation,
         "ranking": ranked,
     }
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(markdown(runs, args.budgets, len(measured)))
-    print(front_table(front, ctx.objectives.names))
-    print(json.dumps(correlation, indent=1))
+    tables = "\n\n".join(
+        [
+            markdown(runs, args.budgets, len(measured), lengths),
+            reach_table(runs, args.budgets),
+            spearman_table(correlation),
+            front_table(front, ctx.objectives.names),
+        ]
+    )
+    args.out.with_suffix(".md").write_text(tables + "\n")
+    print(tables)
     return 0
 
 
@@ -236,6 +248,22 @@ def front_table(front: list[Point], names: list[str]) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def reach_table(runs: dict[str, dict[str, list[float]]], budgets: list[int]) -> str:
+    """Share of seeds whose hypervolume ratio reached 95% at each budget."""
+    head = "| sampler | " + " | ".join(f">= 95% at {n}" for n in budgets) + " |"
+    rule = "|---|" + "---:|" * len(budgets)
+    rows = []
+    for name, ratios in runs.items():
+        cells = [f"{sum(r >= 0.95 for r in ratios[str(n)])}/{len(ratios[str(n)])}" for n in budgets]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows])
+
+
+def spearman_table(correlation: dict[str, Any]) -> str:
+    rows = [f"| {name} | {c['spearman']:.2f} | {c['points']} |" for name, c in correlation.items()]
+    return "\n".join(["| objective | Spearman (estimate vs grid) | points |", "|---|---:|---:|", *rows])
+
+
 def summary_row(ratios: dict[str, list[float]], budgets: list[int]) -> str:
     cells = []
     for n in budgets:
@@ -244,10 +272,16 @@ def summary_row(ratios: dict[str, list[float]], budgets: list[int]) -> str:
     return " | ".join(cells)
 
 
-def markdown(runs: dict[str, dict[str, list[float]]], budgets: list[int], measured: int) -> str:
-    head = "| sampler | " + " | ".join(f"{n} trials ({n / measured:.0%})" for n in budgets) + " |"
-    rule = "|---|" + "---|" * len(budgets)
-    rows = [f"| {name} | {summary_row(ratios, budgets)} |" for name, ratios in runs.items()]
+def markdown(
+    runs: dict[str, dict[str, list[float]]], budgets: list[int], measured: int, lengths: dict[str, list[int]]
+) -> str:
+    head = "| sampler | " + " | ".join(f"{n} trials ({n / measured:.0%})" for n in budgets)
+    head += f" | launched of {max(budgets)} |"
+    rule = "|---|" + "---|" * (len(budgets) + 1)
+    rows = [
+        f"| {name} | {summary_row(ratios, budgets)} | {min(lengths[name])}-{max(lengths[name])} |"
+        for name, ratios in runs.items()
+    ]
     return "\n".join([head, rule, *rows])
 
 
