@@ -93,6 +93,12 @@ def main() -> int:
         help="measure FAIL points again (e.g. a start-up that failed for a reason outside the deployment); "
         "the new line is appended and supersedes the old one",
     )
+    parser.add_argument(
+        "--first",
+        type=json.loads,
+        default=[],
+        help="JSON list of partial params whose grid points are measured before the shuffled rest",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides after the fidelity's")
     args = parser.parse_args()
 
@@ -111,6 +117,7 @@ def main() -> int:
             f"--out={args.out}",
             f"--seed={args.seed}",
             *(["--retry-failed"] if args.retry_failed else []),
+            *([f"--first={json.dumps(args.first)}"] if args.first else []),
             *args.overrides,
         ]
     )
@@ -151,6 +158,8 @@ def main() -> int:
 
     points = list(ctx.space.enumerate())
     random.Random(args.seed).shuffle(points)
+    wanted = [p for p in points if any(all(p.get(k) == v for k, v in f.items()) for f in args.first)]
+    points = wanted + [p for p in points if p not in wanted]
     pool = DevicePool(ctx.devices, 1, settings.trial.server_cpus)
     started, new = time.monotonic(), 0
     with sigterm_as_interrupt() as stop:

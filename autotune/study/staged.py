@@ -81,6 +81,8 @@ class StagedSampler(optuna.samplers.BaseSampler):
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._skips = 0
         """Stages left early because they only repeated measured deployments."""
+        self._last_skip = -1
+        """The trial at which the last stage was left early: the next stage's repeats count from there."""
         self._plans: dict[int, tuple[int, Mapping[str, Any]]] = {}
         """trial number -> (its stage index, the best trial's params when it was asked)."""
 
@@ -90,9 +92,9 @@ class StagedSampler(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         records = load_records(study)
         best = self.pick([r for r in records if r.measured])
-        repeats = trailing_repeats(records, trial.number)
-        if repeats and repeats % STALL_REPEATS == 0:
+        if trailing_repeats(records, trial.number, after=self._last_skip) >= STALL_REPEATS:
             self._skips += 1  # the stage has nothing new left: on to the next
+            self._last_skip = trial.number
         self._plans[trial.number] = (
             self.stage(sum(r.measured for r in records)),
             best.params if best else {},
@@ -129,10 +131,13 @@ class StagedSampler(optuna.samplers.BaseSampler):
         self._plans.pop(trial.number, None)
 
 
-def trailing_repeats(records: Sequence[TrialRecord], current: int) -> int:
-    """Repeats of measured deployments since the last launch (pruned samples skipped over)."""
+def trailing_repeats(records: Sequence[TrialRecord], current: int, after: int = -1) -> int:
+    """Repeats of measured deployments since the last launch and since trial `after` (pruned samples
+    skipped over)."""
     count = 0
     for record in reversed(records):
+        if record.number <= after:
+            break
         if record.number == current or record.state in ("RUNNING", "WAITING") or record.state == "PRUNED":
             continue
         if record.repeat_of is None:
