@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+ISA_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "amx_bf16",
+    "amx_fp16",
+    "amx_int8",
+)
 
 
 def machine() -> dict[str, str]:

@@ -53,6 +53,9 @@ class StudySettings:
     """NSGA-II generation size (small budgets want small generations)."""
     n_startup_trials: int = 6
     """TPE/GP: random trials before the model-based sampler takes over."""
+    warm_start: int = 0
+    """Measure the N deployments an analytical estimate ranks best first, after the seeds (0: off);
+    autotune/study/warm_start.py. CPU only: the estimate uses this CPU's measured bandwidth and GEMM rates."""
     storage: str | None = None
     """Optuna storage URL; null = sqlite:///<run dir>/study.db; any SQLAlchemy URL (postgresql://...)."""
     runs_dir: str = "runs"
@@ -82,6 +85,8 @@ class StudySettings:
             raise ConfigError(
                 f"study.parallel_trials={self.parallel_trials} is invalid: use 1 or more (trials at once)"
             )
+        if self.warm_start < 0:
+            raise ConfigError(f"study.warm_start={self.warm_start} is invalid: use 0 (off) or a count")
         if self.population_size < 2:
             raise ConfigError(f"study.population_size={self.population_size} is invalid: use at least 2")
         if self.name != MISSING and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):

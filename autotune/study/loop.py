@@ -26,6 +26,7 @@ from autotune.report.results import TrialRecord, load_records
 from autotune.study.context import StudyContext
 from autotune.study.front_gate import front_gate
 from autotune.study.observer import StudyObserver
+from autotune.study.warm_start import study_ranking, warm_points
 from autotune.study.workers import FINISHED, Workers
 from autotune.trial.device_pool import Allocation, DevicePool
 from autotune.trial.runner import TrialCancelled, TrialOutcome, run_trial
@@ -75,9 +76,13 @@ class StudyLoop:
         return self.workers.measured() + self._in_flight + self.workers.running_elsewhere()
 
     def enqueue_seeds(self) -> None:
-        """Seed configurations go first, once per study (enqueue skips ones already there)."""
-        for seed in self.ctx.space.seeds:
-            self.study.enqueue_trial(dict(seed), skip_if_exists=True)
+        """Seed configurations go first, then the warm start's best predicted (`study.warm_start`), once
+        per study (enqueue skips ones already there)."""
+        seeds = self.ctx.space.seeds
+        count = self.ctx.settings.study.warm_start
+        warm = warm_points([p for p, _ in study_ranking(self.ctx)], count, seeds) if count else []
+        for params in (*seeds, *warm):
+            self.study.enqueue_trial(dict(params), skip_if_exists=True)
 
     def earlier_result(self, key: str, number: int) -> FrozenTrial | None:
         """A finished (or running) trial with the same deployment; COMPLETE preferred."""

@@ -4,12 +4,28 @@ which NSGA-II, TPE and GP read; random and grid ignore them, as they should."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import optuna
 
 from autotune.config.settings import StudySettings
 from autotune.space.search_space import SearchSpace
 from autotune.study.staged import Pick, StagedSampler
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler calls study.stop() once the grid is used up, which raises outside
+    study.optimize: the study loop's ask/tell crashed on the last grid point. The loop stops on its own
+    (repeats in a row, study.max_repeats), so this one only samples."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        return None
 
 
 def make_sampler(
@@ -36,5 +52,5 @@ def make_sampler(
     if name == "grid":
         # Conditional dimensions are in the grid too; combinations that differ only in an inactive one
         # map to one config, and the study's repeat check measures it once.
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        return AskTellGridSampler(space.grid(), seed=seed)
     raise ValueError(f"study.sampler={name!r} is invalid: choose nsga2, tpe, gp, random, grid or staged")

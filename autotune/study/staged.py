@@ -7,7 +7,8 @@ sampled at random (a stage is a handful of trials, too few for a model); dimensi
 the values of the best measured trial so far (the export policy's pick; with none feasible, the trial
 closest to the constraints); dimensions of later stages take an anchor: the DeploymentConfig default
 when the space allows it, else the first seed's value, else the first choice (or the low end).
-Seeds are measured first, as with every sampler, and count toward the first stages.
+Seeds are measured first, as with every sampler, and count toward the first stages. A stage with fewer
+deployments than its share of the budget ends early, once its samples only repeat measured ones.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 """Stage name -> key prefixes, in search order; a key goes to the first stage one of whose prefixes it
 starts with (the last stage takes the rest: policy, queue order, batch wait, attention kernel)."""
+
+STALL_REPEATS = 3
+"""A stage whose samples repeat measured deployments this many times in a row is used up: a small stage
+(four layouts on two cores) would otherwise hold the study until study.max_repeats ends it."""
 
 Pick = Callable[[Sequence[TrialRecord]], "TrialRecord | None"]
 """The best measured trial of a study so far (None before any)."""
@@ -74,15 +79,22 @@ class StagedSampler(optuna.samplers.BaseSampler):
         self.pick = pick
         self.anchors = {d.name: anchor(d, space.seeds) for d in space.dimensions}
         self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._skips = 0
+        """Stages left early because they only repeated measured deployments."""
+        self._last_skip = -1
+        """The trial at which the last stage was left early: the next stage's repeats count from there."""
         self._plans: dict[int, tuple[int, Mapping[str, Any]]] = {}
         """trial number -> (its stage index, the best trial's params when it was asked)."""
 
     def stage(self, measured: int) -> int:
-        return min(measured // self.per_stage, len(self.stages) - 1)
+        return min(measured // self.per_stage + self._skips, len(self.stages) - 1)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         records = load_records(study)
         best = self.pick([r for r in records if r.measured])
+        if trailing_repeats(records, trial.number, after=self._last_skip) >= STALL_REPEATS:
+            self._skips += 1  # the stage has nothing new left: on to the next
+            self._last_skip = trial.number
         self._plans[trial.number] = (
             self.stage(sum(r.measured for r in records)),
             best.params if best else {},
@@ -117,6 +129,21 @@ class StagedSampler(optuna.samplers.BaseSampler):
         values: Sequence[float] | None,
     ) -> None:
         self._plans.pop(trial.number, None)
+
+
+def trailing_repeats(records: Sequence[TrialRecord], current: int, after: int = -1) -> int:
+    """Repeats of measured deployments since the last launch and since trial `after` (pruned samples
+    skipped over)."""
+    count = 0
+    for record in reversed(records):
+        if record.number <= after:
+            break
+        if record.number == current or record.state in ("RUNNING", "WAITING") or record.state == "PRUNED":
+            continue
+        if record.repeat_of is None:
+            break
+        count += 1
+    return count
 
 
 def anchor(dim: Dimension, seeds: Sequence[Mapping[str, Any]]) -> Any:

@@ -3,6 +3,7 @@ earlier ones fixed at the best trial so far and the later ones at their anchors.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -10,7 +11,7 @@ import optuna
 from autotune.config.compose import build_settings, compose_config
 from autotune.report import results as R
 from autotune.report.objectives import Objectives
-from autotune.space.parse import load_space
+from autotune.space.parse import load_space, parse_space
 from autotune.space.search_space import SearchSpace
 from autotune.study.staged import StagedSampler, policy_pick, stage_of
 
@@ -84,3 +85,30 @@ def test_the_second_stage_fixes_the_best_layout_and_searches_precision() -> None
     assert all({k: s[k] for k in best} == best for s in samples)
     assert len({(s["precision.dtype"], s.get("precision.quantization")) for s in samples}) > 1
     assert all(s["scheduler.max_num_seqs"] == 32 and s["scheduler.policy"] == "continuous" for s in samples)
+
+
+def test_a_used_up_stage_hands_over_after_a_few_repeats(tmp_path: Path) -> None:
+    space = parse_space(
+        {
+            "dimensions": {
+                "parallel.dp": {"type": "categorical", "choices": [1]},
+                "precision.dtype": {"type": "categorical", "choices": ["float32", "bfloat16", "float16"]},
+            }
+        },
+        tmp_path / "s.yaml",
+    )
+    pick = policy_pick(Objectives(SETTINGS.objectives), SETTINGS.export)
+    study = optuna.create_study(
+        directions=["maximize", "minimize", "minimize"], sampler=StagedSampler(space, 20, pick, seed=0)
+    )
+    seen: dict[tuple[Any, ...], int] = {}
+    for _ in range(8):  # the layout stage (10 of 20 trials) has one deployment: measured, then repeated
+        trial = study.ask()
+        key = tuple(sorted(space.suggest(trial).items()))
+        if key in seen:
+            trial.set_user_attr(R.REPEAT_OF, seen[key])
+        else:
+            seen[key] = trial.number
+            trial.set_user_attr(R.MEASURED, True)
+        study.tell(trial, [1.0, 1.0, 1.0])
+    assert len({dict(k)["precision.dtype"] for k in seen}) > 1  # the precision stage was reached
