@@ -232,7 +232,9 @@ def remeasure(
     order = interleaved([(n, max(0, wanted[n] - launches[n].count)) for n in wanted])
     pool = DevicePool(ctx.devices, 1, ctx.settings.trial.server_cpus)
     say = on_phase or print
-    for step, trial in enumerate(order, start=1):
+    ran: list[int] = []
+
+    def launch(trial: int, label: str) -> None:
         config = deployment_config(next(r for r in candidates if r.number == trial))
         allocation = pool.acquire(config)
         assert allocation is not None  # no cancel event: acquire only returns None when cancelled
@@ -244,7 +246,7 @@ def remeasure(
                 ctx.run_dir / "remeasure" / f"{trial:04d}-{launches[trial].count}",
                 cpus=list(allocation.cpus),
                 extra_env=allocation.env(),
-                on_phase=_prefixed(say, f"re-measure {step}/{len(order)} (#{trial}): "),
+                on_phase=_prefixed(say, f"re-measure {label} (#{trial}): "),
             )
         finally:
             pool.release(allocation)
@@ -253,7 +255,10 @@ def remeasure(
         else:
             launches[trial].failures.append(outcome.reason or f"{metric} missing")
         launches[trial].write(paths[trial])
-    ordered = tuple(launches[r.number] for r in candidates)
+        ran.append(trial)
+
+    for step, trial in enumerate(order, start=1):
+        launch(trial, f"{step}/{len(order)}")
     names = (ctx.objectives.names, ctx.objectives.directions)
 
     def feasible(metrics: Mapping[str, float]) -> bool:
@@ -264,9 +269,17 @@ def remeasure(
             if m in metrics
         )
 
+    ordered = tuple(launches[r.number] for r in candidates)
     final = reselect(selection, candidates, ordered, metric, names, feasible)
+    # A contender that took the selection on its few launches is topped up to export.remeasure and the
+    # choice made again; each candidate is topped up at most once, so this ends.
+    while launches[final.record.number].count < export.remeasure:
+        winner = final.record.number
+        for extra in range(export.remeasure - launches[winner].count):
+            launch(winner, f"of the new selection {extra + 1}")
+        final = reselect(selection, candidates, ordered, metric, names, feasible)
     values = {r.number: float(r.metrics.get(metric, math.nan)) for r in candidates}
-    return Remeasure(metric, final, selection.record.number, ordered, values, tuple(order))
+    return Remeasure(metric, final, selection.record.number, ordered, values, tuple(ran))
 
 
 def remeasure_selection(

@@ -162,15 +162,20 @@ def test_remeasure_launches_the_selection_and_its_contender_interleaved_and_cach
     selection = Selection(records[0], "max_throughput_within_slo", "first", (0, 1))
     phases: list[str] = []
     result = remeasure(ctx, selection, records, phases.append)
-    assert result is not None and result.order == (0, 1, 0)
+    assert result is not None
+    winner = result.selection.record.number  # either may win on fresh launches: 6 requests decide little
+    # interleaved; a contender that takes the selection is topped up to export.remeasure launches (and
+    # the choice made again, so the first selection may win it back)
+    topped = result.order == (0, 1, 0, 1)
+    assert result.order == (0, 1, 0) or topped, result.order
+    assert topped or winner == 0
     assert any(p.startswith("re-measure 2/3 (#1): ") for p in phases)
     summary = result.as_dict()
-    winner = result.selection.record.number  # either may win on fresh launches: 6 requests decide little
     assert summary["metric"] == "output_throughput"
-    assert len(summary["repeats"]) + len(summary["failures"]) == (2 if winner == 0 else 1)
+    assert len(summary["repeats"]) + len(summary["failures"]) == 2, "the selection has export.remeasure"
     assert [c["trial"] for c in summary["contenders"]] == [1 - winner]
     cached = json.loads((ctx.run_dir / "remeasure" / "0001.json").read_text())
-    assert len(cached["launches"]) + len(cached["failures"]) == 1
+    assert len(cached["launches"]) + len(cached["failures"]) == (2 if topped else 1)
     again = remeasure(ctx, selection, records, phases.append)  # everything cached: nothing launched
     assert again is not None and again.order == () and again.as_dict()["repeats"] == summary["repeats"]
     assert not psutil.Process().children(recursive=True)
