@@ -156,12 +156,7 @@ def replay(
         trial.set_user_attr(R.MEASURED, True)
         trial.set_user_attr(R.METRICS, dict(point.metrics or {}))
         measured.append(point)
-        if point.state == "COMPLETE" and point.values is not None:
-            for name, value in (point.constraints or {}).items():
-                trial.set_constraint(name, value)
-            study.tell(trial, list(point.values))
-        else:
-            study.tell(trial, state=TrialState.FAIL)
+        _tell_measured(study, trial, point)
     return measured
 
 
@@ -173,6 +168,11 @@ def _tell_again(study: optuna.Study, trial: optuna.Trial, point: Point, earlier:
         return
     trial.set_user_attr(R.REPEAT_OF, earlier)
     trial.set_user_attr(R.METRICS, dict(point.metrics or {}))
+    _tell_measured(study, trial, point)
+
+
+def _tell_measured(study: optuna.Study, trial: optuna.Trial, point: Point) -> None:
+    """The point's values and constraints as its measurement left them, or FAIL."""
     if point.state == "COMPLETE" and point.values is not None:
         for name, value in (point.constraints or {}).items():
             trial.set_constraint(name, value)
