@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine  # noqa: E402
+from bench.replay import read_rows  # noqa: E402
 
 GRID_SPACE = ROOT / "bench" / "grid" / "chat_grid.yaml"
 FIDELITY = (
@@ -58,20 +59,8 @@ def now() -> str:
 
 
 def load_done(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """The metadata line and the points already measured, by config key (a later line of the same
-    point, from `--retry-failed`, replaces the earlier one)."""
-    if not path.exists():
-        return None, {}
-    meta, points = None, {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if row.get("kind") == "meta":
-            meta = row
-        elif row.get("kind") == "point":
-            points[row["config_key"]] = row
-    return meta, points
+    """The metadata line and the points already measured, by config key (none when nothing ran yet)."""
+    return read_rows(path) if path.exists() else (None, {})
 
 
 def append(path: Path, row: dict[str, Any]) -> None:

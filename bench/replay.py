@@ -57,19 +57,27 @@ class Point:
         return self.state == "COMPLETE" and all(v <= 0 for v in (self.constraints or {}).values())
 
 
-def load_grid(path: Path) -> tuple[dict[str, Any], dict[str, Point]]:
-    """The metadata line and the points by key; a later line of a point supersedes an earlier one."""
-    meta: dict[str, Any] = {}
-    points: dict[str, Point] = {}
+def read_rows(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The grid file's metadata line (None: none yet) and its point rows by config key; a later line of
+    a point (from `--retry-failed`) supersedes an earlier one."""
+    meta: dict[str, Any] | None = None
+    rows: dict[str, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
         if row.get("kind") == "meta":
             meta = row
-        if row.get("kind") != "point":
-            continue
-        points[row["config_key"]] = Point(
+        elif row.get("kind") == "point":
+            rows[row["config_key"]] = row
+    return meta, rows
+
+
+def load_grid(path: Path) -> tuple[dict[str, Any], dict[str, Point]]:
+    """The metadata line and the points by key, as measured."""
+    meta, rows = read_rows(path)
+    points = {
+        key: Point(
             params=row["params"],
             state=row["state"],
             values=tuple(row["values"]) if row.get("values") else None,
@@ -77,7 +85,9 @@ def load_grid(path: Path) -> tuple[dict[str, Any], dict[str, Point]]:
             metrics=row.get("metrics"),
             reason=row.get("reason"),
         )
-    return meta, points
+        for key, row in rows.items()
+    }
+    return meta or {}, points
 
 
 def grid_points(
