@@ -128,5 +128,14 @@ class Objectives:
             out[f"{metric}_{kind}"] = excess if math.isfinite(excess) else 1e12
         return out
 
+    def meets_measured_bounds(self, metrics: Mapping[str, float]) -> bool:
+        """Every bound whose metric `metrics` holds is met (a bound on a metric not measured, say the
+        quality probe's in a re-measure, is not judged)."""
+        return all(
+            (metrics[m] <= bound if kind == "max" else metrics[m] >= bound)
+            for m, kind, bound in self.bounds()
+            if m in metrics
+        )
+
     def describe_constraints(self) -> list[str]:
         return [f"{m} {'<=' if k == 'max' else '>='} {b:g}" for m, k, b in self.bounds()]

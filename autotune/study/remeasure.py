@@ -261,23 +261,15 @@ def remeasure(
         launch(trial, f"{step}/{len(order)}")
     names = (ctx.objectives.names, ctx.objectives.directions)
 
-    def feasible(metrics: Mapping[str, float]) -> bool:
-        """The constraints on what a re-measure measures (the quality probe does not run again)."""
-        return all(
-            (metrics[m] <= bound if kind == "max" else metrics[m] >= bound)
-            for m, kind, bound in ctx.objectives.bounds()
-            if m in metrics
-        )
-
     ordered = tuple(launches[r.number] for r in candidates)
-    final = reselect(selection, candidates, ordered, metric, names, feasible)
+    final = reselect(selection, candidates, ordered, metric, names, ctx.objectives.meets_measured_bounds)
     # A contender that took the selection on its few launches is topped up to export.remeasure and the
     # choice made again; each candidate is topped up at most once, so this ends.
     while launches[final.record.number].count < export.remeasure:
         winner = final.record.number
         for extra in range(export.remeasure - launches[winner].count):
             launch(winner, f"of the new selection {extra + 1}")
-        final = reselect(selection, candidates, ordered, metric, names, feasible)
+        final = reselect(selection, candidates, ordered, metric, names, ctx.objectives.meets_measured_bounds)
     values = {r.number: float(r.metrics.get(metric, math.nan)) for r in candidates}
     return Remeasure(metric, final, selection.record.number, ordered, values, tuple(ran))
 
