@@ -288,6 +288,7 @@ def _capacity(
     summary: dict[str, Any] = result.metrics(devices)
     summary["completed"] = sum(r.success for r in records)
     summary["failed"] = sum(failures.values())
+    summary["slo_misses"] = sum(r.error_kind in SLO_MISS_KINDS for r in records)
     summary["stopped_by"] = result.stopped_by
     return summary, failures
 
@@ -309,7 +310,8 @@ def _judge(
     if returncode is not None:
         return f"server exited with code {returncode}{signal_hint(returncode)} during the benchmark"
     completed, failed = int(summary.get("completed", 0)), int(summary.get("failed", 0))
-    if completed == 0:
+    if completed == 0 and not (failed == 0 and summary.get("slo_misses", 0)):
+        # every request cut by the capacity search as an SLO miss is a measurement: capacity 0
         return f"no request completed (failures: {failures or 'none recorded'})"
     if failed > settings.max_failed_fraction * (completed + failed):
         return (

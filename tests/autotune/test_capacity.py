@@ -138,3 +138,19 @@ def test_capacity_settings_are_checked_by_name() -> None:
         CapacityConfig.from_config({"step_seconds": 3})
     with pytest.raises(ConfigError, match=r"slo\.attainment"):
         SLOConfig(attainment=1.5)
+
+
+def test_a_trial_whose_every_request_missed_its_bound_is_measured_as_capacity_zero() -> None:
+    """Seen on a summarisation study: every request cut by the search as an SLO miss left nothing
+    completed, and the trial failed as broken instead of scoring what it is, a deployment that carries
+    nothing. Requests that failed for any other reason still fail it."""
+    from autotune.config.settings import TrialSettings
+    from autotune.trial.runner import _judge
+
+    settings = TrialSettings()
+    all_missed = {"completed": 0, "failed": 0, "slo_misses": 24}
+    assert _judge(all_missed, {}, None, settings) is None
+    nothing_sent = {"completed": 0, "failed": 0, "slo_misses": 0}
+    assert "no request completed" in str(_judge(nothing_sent, {}, None, settings))
+    broken = {"completed": 0, "failed": 3, "slo_misses": 21}
+    assert "no request completed" in str(_judge(broken, {"http_error": 3}, None, settings))
