@@ -42,7 +42,7 @@ class SearchSettings:
 class StudySettings:
     name: str = MISSING
     """Study name: the same name resumes the same study (finished trials are not measured again)."""
-    n_trials: int = 12
+    n_trials: int = 10
     """Configurations to measure in total (resumed trials count; pruned and repeated configs do not)."""
     sampler: str = "nsga2"
     """nsga2 | tpe (multivariate) | gp | random | grid | staged (layout, precision, batch limits, then
