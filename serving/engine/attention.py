@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from serving.config import AttentionBackend
 from serving.engine.attention_metadata import AttentionMetadata, PaddedBatch
-from serving.engine.workspace import Workspace
 
 METADATA_KWARG = "paged_attention_metadata"
 """Keyword the runner passes to model(...); transformers hands it through to the attention function."""
@@ -119,18 +118,11 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return rows.view(batch, length, cache.shape[1], cache.shape[2]).transpose(1, 2)
 
 
-def _gather_blocks(
-    cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """[B, nb] block ids of a [slots, KVH, D] cache as [B, KVH, nb * block_size, D]: one index_select of
-    whole blocks (a block's slots are one contiguous row of the cache), written into `out` [B * nb, row]
-    when given."""
+    whole blocks (a block's slots are one contiguous row of the cache)."""
     batch, num = blocks.shape
-    flat = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])
-    if out is None:
-        rows = flat.index_select(0, blocks.view(-1))
-    else:
-        rows = torch.index_select(flat, 0, blocks.view(-1), out=out)
+    rows = cache.view(-1, block_size * cache.shape[1] * cache.shape[2]).index_select(0, blocks.view(-1))
     return rows.view(batch, num * block_size, cache.shape[1], cache.shape[2]).transpose(1, 2)
 
 
@@ -142,10 +134,8 @@ def decode_attention(
     mask: torch.Tensor | None,
     block_size: int,
     scaling: float | None,
-    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """One query per row [B, H, D] over its context's whole blocks [B, nb] (masked by `mask`): [B, H, D].
-    The gathered K/V go into `workspace`'s reused buffers when given (workspace.py says why).
 
     The query heads sharing a KV head are stacked as that KV head's queries ([B, KVH, group, D]): one plain
     SDPA, no GQA expansion of K/V. The gather copies each row's context, yet gather + SDPA measured 1.7-7x
@@ -155,12 +145,8 @@ def decode_attention(
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    k_out = v_out = None
-    if workspace is not None:
-        rows = (blocks.numel(), block_size * num_kv_heads * head_dim)
-        k_out, v_out = workspace.take("decode_k", rows, k_cache), workspace.take("decode_v", rows, v_cache)
-    k = _gather_blocks(k_cache, blocks, block_size, k_out)  # [B, KVH, L, D]
-    v = _gather_blocks(v_cache, blocks, block_size, v_out)
+    k = _gather_blocks(k_cache, blocks, block_size)  # [B, KVH, L, D]
+    v = _gather_blocks(v_cache, blocks, block_size)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return o.reshape(batch, num_heads, head_dim)
 
@@ -184,14 +170,7 @@ def paged_attention(
         q = query[0, :, :num_decode].transpose(0, 1)  # [Bd, H, D]
         parts.append(
             decode_attention(
-                q,
-                k_cache,
-                v_cache,
-                paged.decode_blocks,
-                paged.decode_mask,
-                meta.block_size,
-                scaling,
-                meta.workspace,
+                q, k_cache, v_cache, paged.decode_blocks, paged.decode_mask, meta.block_size, scaling
             )
         )
     if paged.prefill is not None:

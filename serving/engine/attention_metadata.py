@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from serving.config import AttentionBackend
-from serving.engine.workspace import Workspace
 
 
 @dataclass
@@ -69,9 +68,6 @@ class AttentionMetadata:
     """sdpa backend only."""
     paged: PagedBatch | None
     """paged backend only."""
-    workspace: Workspace | None = None
-    """The runner's reused buffers for the decode gather (None: allocate per layer, as ranks that receive
-    the step from rank 0 do; step_codec never ships it)."""
 
     def padded_batch(self) -> PaddedBatch:
         if self.padded is None:
@@ -130,7 +126,6 @@ def build_metadata(
     block_tables: list[list[int]],
     num_decode: int,
     device: torch.device,
-    workspace: Workspace | None = None,
 ) -> AttentionMetadata:
     """Metadata for rows given in batch order; the first num_decode rows each decode one token.
 
@@ -172,7 +167,6 @@ def build_metadata(
         context_slots=context_slots,
         padded=padded,
         paged=paged,
-        workspace=workspace,
     )
 
 

@@ -11,7 +11,6 @@ from serving.engine.attention import METADATA_KWARG
 from serving.engine.attention_metadata import build_metadata
 from serving.engine.logprobs import LogprobsCollector
 from serving.engine.scheduler import ScheduledSequence, SchedulerOutput
-from serving.engine.workspace import Workspace
 
 
 def kv_cache_layout(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -68,8 +67,6 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
-        self.workspace = Workspace()
-        """Buffers the attention reuses across layers and steps (workspace.py)."""
         self._generators: dict[str, torch.Generator] = {}
         self._default_generator = torch.Generator(device=device)
         self._default_generator.seed()
@@ -97,7 +94,6 @@ class ModelRunner:
             block_tables=[r.seq.block_table for r in rows],
             num_decode=sum(r.num_tokens == 1 for r in rows),
             device=self.device,
-            workspace=self.workspace,
         )
         kwargs = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long, device=self.device),

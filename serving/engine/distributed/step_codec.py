@@ -33,14 +33,12 @@ def encode(message: Any) -> bytes:
 
 
 def strip_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The forward's kwargs without the KV-cache tensors and the gather workspace (each rank has its own
-    caches; a receiving rank gathers into fresh tensors), ready to encode."""
+    """The forward's kwargs without the KV-cache tensors (each rank has its own), ready to encode."""
     meta = kwargs.get(METADATA_KWARG)
     if meta is None:
         return kwargs
     light = copy.copy(meta)
     light.kv_caches = []
-    light.workspace = None
     return {**kwargs, METADATA_KWARG: light}
 
 
