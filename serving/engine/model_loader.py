@@ -160,7 +160,7 @@ def load_engine_model(config: DeploymentConfig, device: torch.device) -> nn.Modu
 
 def _finish(model: M, config: DeploymentConfig, device: torch.device) -> M:
     """Quantise, lay the float32 weights out for decode, compile: the steps every loaded model takes."""
-    model = apply_quantization(model, config.precision, device)
+    model = apply_quantization(model, config.precision, device, compiled=config.model.compile == "compiled")
     if _relayout(config, device):
         relayout_linear_weights(model)
     if config.model.compile == "compiled":

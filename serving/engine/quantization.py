@@ -4,13 +4,21 @@ Every option quantises all nn.Linear layers including the lm_head: at vocab 3200
 is the single largest matrix of llama-57m (16.4M of 57M parameters), so leaving it in float would keep
 the biggest GEMV of each decode step unquantised. Embeddings stay as they are (a gather, not a GEMM).
 
-| option           | library                                | runs on   | dtypes   |
-|------------------|----------------------------------------|-----------|----------|
-| int8_dynamic     | torch.ao quantize_dynamic (fbgemm)     | CPU       | float32  |
-| int8_weight_only | torchao Int8WeightOnlyConfig           | CPU, CUDA | any      |
-| int4_weight_only | torchao Int4WeightOnlyConfig, tinygemm | CUDA      | bfloat16 |
-| bnb_int8         | bitsandbytes Linear8bitLt, threshold 0 | CPU, CUDA | any      |
-| bnb_nf4          | bitsandbytes Linear4bit, nf4           | CPU, CUDA | any      |
+| option           | library                                                 | runs on   | dtypes   |
+|------------------|---------------------------------------------------------|-----------|----------|
+| int8_dynamic     | eager: torch.ao quantize_dynamic (fbgemm)               | CPU       | float32  |
+|                  | compiled: torchao Int8DynamicActivationInt8WeightConfig | CPU       | float32  |
+| int8_weight_only | torchao Int8WeightOnlyConfig                            | CPU, CUDA | any      |
+| int4_weight_only | torchao Int4WeightOnlyConfig, tinygemm                  | CUDA      | bfloat16 |
+| bnb_int8         | bitsandbytes Linear8bitLt, threshold 0                  | CPU, CUDA | any      |
+| bnb_nf4          | bitsandbytes Linear4bit, nf4                            | CPU, CUDA | any      |
+
+int8_dynamic's library is chosen by measurement (`bench/int8_linears.py`, docs/benchmarks.md, Intel Xeon
+with AMX, 2 cores, interleaved): eager, torch.ao's fbgemm Linear beats torchao's (torchao 2.0-4.0x slower
+over the step's Linears at batch 1-32); compiled (model.compile), inductor leaves torch.ao's modules as
+opaque calls (1.0x) but compiles torchao's int8 tensors into the frozen graph: torchao's Linears take
+0.66x of torch.ao's time at batch 32, 0.8-0.9x at 8, 1.3x at 1, and whole compiled steps 0.81-0.99x of
+eager int8_dynamic's.
 
 Tensor parallelism (DeepSpeed AutoTP) shards nn.Linear layers; quantised layers are other module types, so
 quantisation with parallel.tp > 1 is refused rather than silently left unsharded.
@@ -83,10 +91,16 @@ def check_quantization(precision: PrecisionConfig, device_type: str) -> None:
             )
 
 
-def apply_quantization(model: M, precision: PrecisionConfig, device: torch.device) -> M:
-    """Quantise the Linear layers of `model` (already on `device`, in `precision.dtype`) in place."""
+def apply_quantization(
+    model: M, precision: PrecisionConfig, device: torch.device, compiled: bool = False
+) -> M:
+    """Quantise the Linear layers of `model` (already on `device`, in `precision.dtype`) in place;
+    `compiled`: the model will run under torch.compile (model.compile=compiled), which picks int8_dynamic's
+    library (the table above). Run outside inference_mode: torchao's weights made there fail to compile."""
     check_quantization(precision, device.type)
     quantize = _QUANTIZERS.get(precision.quantization)
+    if compiled and precision.quantization in _COMPILED_QUANTIZERS:
+        quantize = _COMPILED_QUANTIZERS[precision.quantization]
     if quantize is None:
         raise ConfigError(
             f"precision.quantization={precision.quantization!r} is unknown: choose one of "
@@ -102,11 +116,14 @@ def _none(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _int8_dynamic(model: nn.Module, device: torch.device) -> nn.Module:
-    """torch.ao dynamic int8: int8 weights, activations quantised per batch (fbgemm int8 GEMM, AVX2)."""
+    """torch.ao dynamic int8: int8 weights, activations quantised per batch (fbgemm int8 GEMM, AVX2);
+    the eager choice (compiled execution takes torchao's, _COMPILED_QUANTIZERS)."""
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated in favour of torchao, but the fastest CPU path here
+        warnings.simplefilter(
+            "ignore"
+        )  # deprecated in favour of torchao, but the fastest eager CPU path here
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
@@ -118,6 +135,12 @@ def _torchao(config_factory: Callable[[], object]) -> Callable[[nn.Module, torch
         return model
 
     return quantize
+
+
+def _int8_dynamic_config() -> object:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig()
 
 
 def _int8_weight_only_config() -> object:
@@ -179,3 +202,8 @@ _QUANTIZERS: dict[str, Callable[[nn.Module, torch.device], nn.Module]] = {
     "bnb_int8": _bnb("int8"),
     "bnb_nf4": _bnb("nf4"),
 }
+
+_COMPILED_QUANTIZERS: dict[str, Callable[[nn.Module, torch.device], nn.Module]] = {
+    "int8_dynamic": _torchao(_int8_dynamic_config),
+}
+"""Where compiled execution takes another library for an option (measured, see the module docstring)."""
