@@ -24,7 +24,7 @@ def test_plan_prints_space_pruned_reasons_and_eta(capsys: pytest.CaptureFixture[
     assert code == 0
     assert "scheduler.policy" in out and "request, static" in out
     assert "pruned before launch" in out and "memory: needs" in out
-    assert "ETA" in out and "12 trials" in out
+    assert "ETA" in out and "10 trials" in out
 
 
 def test_plan_with_a_space_that_fits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
