@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import optuna
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.table import Table
 from autotune.commands.session import start
 from autotune.report.results import load_records
 from autotune.study.context import StudyContext
+from autotune.study.warm_start import study_ranking, warm_points
 
 USAGE = """usage: autotune plan [conf=NAME] [key=value ...]
 
@@ -130,6 +132,8 @@ def main(argv: Sequence[str]) -> int:
     for note, count in notes.most_common(3):
         console.print(f"note ({count}x): {note}")
 
+    _print_first(console, ctx)
+
     n_trials = ctx.settings.study.n_trials
     per_trial, how = estimate_trial_s(ctx)
     fit_share = (checked - sum(pruned.values())) / checked if checked else 1.0
@@ -145,6 +149,33 @@ def main(argv: Sequence[str]) -> int:
         f" = ~{total / 60:.1f} min; {fit_share:.0%} of the checked grid would launch"
     )
     return 0
+
+
+def _print_first(console: Console, ctx: StudyContext) -> None:
+    """What the study measures first: the space's seeds, then the warm start's picks with the estimate's
+    predictions (this CPU's rates are measured for it, a few seconds, kept in the study's directory)."""
+    seeds = ctx.space.seeds
+    for seed in seeds:
+        console.print("[bold]seed[/] " + ", ".join(f"{k}={v}" for k, v in seed.items()))
+    count = ctx.settings.study.warm_start
+    if not count:
+        return
+    ranked = study_ranking(ctx)
+    predicted = {_key(p): e for p, e in ranked}
+    table = Table("warm start", "capacity/device req/s", "TTFT ms", "memory MB", title="measured next")
+    for params in warm_points([p for p, _ in ranked], count, seeds):
+        guess = predicted[_key(params)]
+        table.add_row(
+            ", ".join(f"{k}={v}" for k, v in params.items()),
+            f"{guess.capacity_rps_per_device:.2f}",
+            f"{guess.ttft_ms:.0f}",
+            f"{guess.memory_mb:.0f}",
+        )
+    console.print(table)
+
+
+def _key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(params.items())
 
 
 def _default_flat() -> dict[str, object]:

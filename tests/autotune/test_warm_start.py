@@ -49,6 +49,18 @@ def test_the_estimate_follows_the_ceilings() -> None:
     assert not slow.carries_nominal and slow.ttft_ms == float("inf")
 
 
+def test_static_batching_whose_running_batch_outlasts_the_ttft_slo_does_not_carry() -> None:
+    static = DeploymentConfig().replace(**{"scheduler.policy": "static", "scheduler.max_num_seqs": 16})
+    short = guess(static)
+    assert short.carries_nominal  # 64 output tokens: a running batch ends well inside the 2 s TTFT SLO
+    documents = Shape(prompt_tokens=784, output_tokens=128, nominal_rps=0.2, tpot_slo_s=0.2, ttft_slo_s=2.0)
+    long = estimate(static, GEOMETRY, RATES, DEVICES, documents, PlannerSettings())
+    continuous = estimate(static.replace(**{"scheduler.policy": "continuous"}), GEOMETRY, RATES, DEVICES,
+                          documents, PlannerSettings())  # fmt: skip
+    assert not long.carries_nominal and long.ttft_ms == float("inf")
+    assert continuous.carries_nominal  # the same batch limit, but a new request joins the next step
+
+
 def est(capacity: float, ttft: float, memory: float) -> Estimate:
     return Estimate(capacity, capacity, ttft, memory)
 
