@@ -12,8 +12,9 @@ From it:
   (output tokens x step + b prefills); request-level scheduling is batch 1; per device = / world size;
 - TTFT at the nominal rate: a prefill plus a step (static batching: the batch wait plus half a running
   batch), stretched by 1 / (1 - utilisation); not carried (infinite) when a request arriving just after
-  a static batch started would wait out the whole batch past the TTFT SLO (summaries of 128 tokens: seen
-  on 2026-12-07, static batching ranked in the warm start's first four and missed the SLO);
+  a static batch started would wait out the whole batch past the TTFT SLO. Only as good as the step
+  time: on 2026-12-07 (2-core Xeon) steps came out ~4x faster than measured, so static batching still
+  ranked in summarisation's first four picks and then missed the SLO (docs/benchmarks.md);
 - memory: the planner's need (weights and KV of every replica plus a process overhead per rank).
 
 Absolute numbers are rough (the engine's Python, the scheduler and the client are not modelled); what
