@@ -115,7 +115,7 @@ def main(argv: Sequence[str]) -> int:
                 notes[note] += 1
         if reason:
             pruned[reason] += 1
-            examples.setdefault(reason, ", ".join(f"{k}={v}" for k, v in params.items()))
+            examples.setdefault(reason, _params_text(params))
     size = space.size()
     size_text = "unbounded (float dimensions)" if math.isinf(size) else f"{int(size)} configurations"
     console.print(
@@ -156,26 +156,26 @@ def _print_first(console: Console, ctx: StudyContext) -> None:
     predictions (this CPU's rates are measured for it, a few seconds, kept in the study's directory)."""
     seeds = ctx.space.seeds
     for seed in seeds:
-        console.print("[bold]seed[/] " + ", ".join(f"{k}={v}" for k, v in seed.items()))
+        console.print("[bold]seed[/] " + _params_text(seed))
     count = ctx.settings.study.warm_start
     if not count:
         return
     ranked = study_ranking(ctx)
-    predicted = {_key(p): e for p, e in ranked}
+    picks = warm_points([p for p, _ in ranked], count, seeds)  # in ranked order
     table = Table("warm start", "capacity/device req/s", "TTFT ms", "memory MB", title="measured next")
-    for params in warm_points([p for p, _ in ranked], count, seeds):
-        guess = predicted[_key(params)]
-        table.add_row(
-            ", ".join(f"{k}={v}" for k, v in params.items()),
-            f"{guess.capacity_rps_per_device:.2f}",
-            f"{guess.ttft_ms:.0f}",
-            f"{guess.memory_mb:.0f}",
-        )
+    for params, guess in ranked:
+        if params in picks:
+            table.add_row(
+                _params_text(params),
+                f"{guess.capacity_rps_per_device:.2f}",
+                f"{guess.ttft_ms:.0f}",
+                f"{guess.memory_mb:.0f}",
+            )
     console.print(table)
 
 
-def _key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(params.items())
+def _params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
 def _default_flat() -> dict[str, object]:
